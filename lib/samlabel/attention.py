@@ -1,33 +1,37 @@
 """The one attention function every block uses, with exchangeable backends.
 
 Backends:
-  - "math":  the reference. Logits, bias and softmax written out; padding keys are
+  - "math":  the reference. Logits, bias and softmax written out; padding tokens are
              materialised and sparse mode is a dense block mask. Slow and obvious.
-  - "sdpa":  torch.nn.functional.scaled_dot_product_attention.
+  - "sdpa":  torch.nn.functional.scaled_dot_product_attention, the bias as its additive mask.
   - "flash": flash-attn's flash_attn_func (CUDA, fp16/bf16, when installed).
   - "auto":  flash where it can run, else sdpa. The environment variable
              SAMLABEL_ATTENTION overrides the default.
 
-Exact relative positions in the fast kernels. Relative-position biases of SAM-style ViTs are
-sums of terms that each depend on the query and on one small index of the key (a key
-coordinate, or a pair of coordinates):  bias[p, p'] = sum_t F_t[p, idx_t(p')].  That is an
-inner product: append the rows F_t[p, :] to the (pre-scaled) query and the one-hot vectors
-of idx_t(p') to the key, and run the kernel with scale 1. No bias tensor is needed, so kernels
-without bias support (flash-attn) stay exact; only the columns real keys use are appended.
+Relative positions as a factored bias. The relative-position biases of SAM-style ViTs are
+sums of terms that each depend on the query and on only some axes of the key's grid
+coordinate: bias[p, p'] = sum_t F_t[p, p'|axes_t]. We pass the terms F_t, each a tensor
+(B, heads, Nq, *shape_t) with shape_t broadcastable to the key grid.
+  - sdpa / math add the broadcast terms into one dense bias (cheap: no gathers).
+  - flash-attn takes no bias, so the bias becomes an inner product: the rows F_t[p, :] are
+    appended to the (pre-scaled) query and the one-hot codes of p'|axes_t to the key, and
+    the kernel runs with scale 1. Exact, and within flash-attn's head-dim limit of 256 for
+    the 3D models (SAM-Med3D 64 + 128 + 1, FastSAM3D 128 + 128).
 
-Padding keys without padding tokens. ViTDet windows zero-pad the token grid to the window
+Padding without padding tokens. ViTDet windows zero-pad the token grid to the window
 (SAM-Med3D: 8^3 -> 14^3, 2744 keys of which 2232 are padding). Padding tokens are zeros after
 the first LayerNorm, so each has key k0 = b_k and value v0 = b_v (the qkv biases); they differ
-only in their bias. They are replaced by one extra key (k0, v0) whose logit carries
-log sum_{padding p'} exp(bias[p, p']) (Padding.log_weight, computed by the model from the
-structure of its bias). Attention then runs over N+1 keys instead of the whole window, with
-the same softmax.
+only in their bias. All of them are replaced by one extra key (k0, v0) whose bias is
+Padding.log_weight = log sum_{padding p'} exp(bias[p, p']), which the model computes from the
+structure of its terms. Attention runs over N + 1 keys instead of the whole window, with the
+same softmax.
 
 Sparse mode (the FastSAM3D paper's 3D sparse attention): the token raster is split into
 segments of length w, and inside each segment every r-th token is attended together
-(r groups of w/r tokens per segment); outputs go back to their original positions.
+(r groups of w/r tokens per segment); each output goes back to its token's position.
 """
 
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -45,25 +49,43 @@ BACKENDS = ("math", "sdpa", "flash")
 
 @dataclass
 class FactoredBias:
-    """bias[..., p, p'] = sum_t query_terms[t][..., p, key_index[t][p']].
+    """bias[..., p, p'] = sum_t terms[t][..., p, *p'] with terms[t] (B, heads, Nq, *s_t) broadcast
+    over the key grid; keys are the grid's raster."""
 
-    query_terms[t]: (B, heads, Nq, K_t); key_index[t]: (Nk,) integers in [0, K_t)."""
+    terms: List[torch.Tensor]
+    key_grid: Tuple[int, ...]
 
-    query_terms: List[torch.Tensor]
-    key_index: List[torch.Tensor]
+    def dense(self) -> torch.Tensor:
+        """(B, heads, Nq, prod(key_grid))."""
+        lead = self.terms[0].shape[:3]
+        return sum(self.terms).expand(*lead, *self.key_grid).reshape(*lead, -1)
+
+    def features(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query features (B, heads, Nq, K) and key codes (Nk, K) whose inner product is the bias."""
+        lead = self.terms[0].shape[:3]
+        query_parts, key_parts = [], []
+        for term in self.terms:
+            shape = term.shape[3:]
+            code = torch.arange(math.prod(shape), device=term.device).reshape(shape)
+            query_parts.append(term.reshape(*lead, -1))
+            key_parts.append(F.one_hot(code.expand(self.key_grid).reshape(-1), code.numel()).to(term.dtype))
+        return torch.cat(query_parts, -1), torch.cat(key_parts, -1)
+
+    def corner(self, grid: Tuple[int, ...]) -> "FactoredBias":
+        """The bias restricted to keys in [0, grid) of the key grid."""
+        crop = [t[(...,) + tuple(slice(0, g if s > 1 else 1) for s, g in zip(t.shape[3:], grid))] for t in self.terms]
+        return FactoredBias(crop, tuple(grid))
 
 
 @dataclass
 class Padding:
-    """Extra keys that all share one key and value vector (heads, d) and differ only in bias.
-
-    key_index[t]: (Np,) the padding keys' indices into the bias terms (used by the reference);
-    log_weight: (B, heads, Nq) = logsumexp over padding keys of their bias (used by the fast path).
-    """
+    """The keys sit in the corner [0, grid) of a window (bias.key_grid); all other window
+    positions are padding tokens with key `key` and value `value` (heads, d).
+    log_weight (B, heads, Nq): logsumexp over the padding positions of their bias."""
 
     key: torch.Tensor
     value: torch.Tensor
-    key_index: List[torch.Tensor]
+    grid: Tuple[int, ...]
     log_weight: torch.Tensor
 
 
@@ -87,33 +109,75 @@ def attention(
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v for q, k, v of shape (B, heads, N, d).
 
-    padding needs bias; sparse=(w, r) needs as many queries as keys and no padding."""
+    padding needs bias (given over the whole window); sparse=(w, r) needs as many queries as
+    keys and no padding."""
     backend = backend or default_backend()
     if backend == "auto":
-        backend = "flash" if q.is_cuda and flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16) else "sdpa"
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        backend = "flash" if q.is_cuda and half and flash_attn_func is not None else "sdpa"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS + ('auto',)}")
     if padding is not None and bias is None:
-        raise ValueError("padding keys need a bias")
+        raise ValueError("padding needs the bias over its window")
+    groups = None
     if sparse is not None:
-        segment, dilation = sparse
         if padding is not None or q.shape[-2] != k.shape[-2]:
             raise ValueError("sparse attention is defined on one token grid: equal query and key counts, no padding")
-        if q.shape[-2] % segment or segment % dilation:
-            raise ValueError(f"sparse attention needs tokens ({q.shape[-2]}) divisible by w={segment}, and w by r={dilation}")
+        groups = sparse_groups(q.shape[-2], *sparse, device=q.device)
     if backend == "math":
-        return _math_attention(q, k, v, scale, bias, padding, sparse)
-    q, k, v = _augment(q, k, v, scale, bias, padding)
-    if sparse is not None:
-        grouped = _kernel(*(_group(t, *sparse) for t in (q, k, v)), backend)
-        return _ungroup(grouped, q.shape[0], *sparse)
-    return _kernel(q, k, v, backend)
-
-
-def _kernel(q, k, v, backend):
-    """softmax(q k^T) v (scale 1) on a fast backend."""
+        return _math_attention(q, k, v, scale, bias, padding, groups)
+    if padding is not None:
+        bias = bias.corner(padding.grid)
+        k = torch.cat([k, padding.key.to(k.dtype)[None, :, None].expand(k.shape[0], -1, 1, -1)], -2)
+        v = torch.cat([v, padding.value.to(v.dtype)[None, :, None].expand(v.shape[0], -1, 1, -1)], -2)
+    extra = padding.log_weight[..., None] if padding is not None else None  # the padding key's bias
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        mask = None
+        if bias is not None:
+            mask = bias.dense().to(q.dtype)
+            mask = torch.cat([mask, extra.to(q.dtype)], -1) if extra is not None else mask
+        return _grouped(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale),
+                        q, k, v, mask, groups)
+    q = q * scale
+    if bias is not None:
+        query_features, key_codes = bias.features()
+        key_codes = key_codes.expand(k.shape[0], k.shape[1], -1, -1)
+        if extra is not None:
+            query_features = torch.cat([query_features, extra], -1)
+            key_codes = F.pad(key_codes, (0, 1, 0, 1))
+            key_codes[..., -1, -1] = 1
+        q = torch.cat([q, query_features.to(q.dtype)], -1)
+        k = torch.cat([k, key_codes.to(k.dtype)], -1)
+    return _grouped(lambda q, k, v, m: _flash(q, k, v), q, k, v, None, groups)
+
+
+def sparse_groups(tokens: int, segment: int, dilation: int, device=None) -> torch.Tensor:
+    """(groups, w/r) token indices: token s*w + j*r + o is slot j of group (s, o)."""
+    if tokens % segment or segment % dilation:
+        raise ValueError(f"sparse attention needs tokens ({tokens}) divisible by w={segment}, and w by r={dilation}")
+    index = torch.arange(tokens, device=device).reshape(tokens // segment, segment // dilation, dilation)
+    return index.transpose(1, 2).reshape(-1, segment // dilation)
+
+
+def _grouped(kernel, q, k, v, mask, groups):
+    """Run kernel on all tokens, or on each sparse group separately and scatter back."""
+    if groups is None:
+        return kernel(q, k, v, mask)
+    b, h, n, _ = q.shape
+
+    def split(t):  # (B, h, N, c) -> (B * G, h, w/r, c)
+        return t[:, :, groups].transpose(1, 2).reshape(-1, h, groups.shape[1], t.shape[-1])
+
+    if mask is not None:
+        mask = mask[:, :, groups[:, :, None], groups[:, None, :]].transpose(1, 2)
+        mask = mask.reshape(-1, mask.shape[2], groups.shape[1], groups.shape[1])
+    out = kernel(split(q), split(k), split(v), mask)
+    out = out.reshape(b, -1, h, groups.shape[1], out.shape[-1]).transpose(1, 2).reshape(b, h, n, -1)
+    return torch.empty_like(out).index_copy_(2, groups.reshape(-1), out)
+
+
+def _flash(q, k, v):
+    """softmax(q k^T) v (scale 1) with flash-attn."""
     if not flash_available():
         raise RuntimeError("attention backend 'flash' needs the flash-attn package and a CUDA device")
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -127,59 +191,27 @@ def _kernel(q, k, v, backend):
     return flash_attn_func(q, k, v, softmax_scale=1.0).transpose(1, 2)[..., :value_dim]
 
 
-def _augment(q, k, v, scale, bias, padding):
-    """Fold scale, bias and padding into q, k, v (see the module docstring)."""
-    q = q * scale
-    if bias is None:
-        return q, k, v
-    q_parts, k_parts = [q], [k]
-    for terms, index in zip(bias.query_terms, bias.key_index):
-        used, compact = torch.unique(index, return_inverse=True)
-        q_parts.append(terms[..., used].to(q.dtype))
-        k_parts.append(F.one_hot(compact, used.numel()).to(k.dtype).expand(*k.shape[:2], -1, -1))
-    if padding is None:
-        return torch.cat(q_parts, -1), torch.cat(k_parts, -1), v
-    q_parts.append(padding.log_weight.to(q.dtype)[..., None])
-    k_parts.append(torch.zeros_like(k[..., :1]))
-    k = torch.cat(k_parts, -1)
-    pad_key = torch.zeros_like(k[:1, :, :1])
-    pad_key[..., : padding.key.shape[-1]] = padding.key[:, None]
-    pad_key[..., -1] = 1
-    pad_value = padding.value.to(v.dtype)[None, :, None].expand(v.shape[0], -1, 1, -1)
-    return torch.cat(q_parts, -1), torch.cat([k, pad_key.expand(k.shape[0], -1, -1, -1)], -2), torch.cat([v, pad_value], -2)
-
-
-def _group(t: torch.Tensor, segment: int, dilation: int) -> torch.Tensor:
-    """(B, h, N, c) -> (B * N/w * r, h, w/r, c): token s*w + j*r + o goes to group (s, o), slot j."""
-    b, h, n, c = t.shape
-    t = t.reshape(b, h, n // segment, segment // dilation, dilation, c)
-    return t.permute(0, 2, 4, 1, 3, 5).reshape(-1, h, segment // dilation, c)
-
-
-def _ungroup(t: torch.Tensor, batch: int, segment: int, dilation: int) -> torch.Tensor:
-    """Inverse of _group: every output back at its token's original position."""
-    _, h, per_group, c = t.shape
-    t = t.reshape(batch, -1, dilation, h, per_group, c).permute(0, 3, 1, 4, 2, 5)
-    return t.reshape(batch, h, -1, c)
-
-
-def _math_attention(q, k, v, scale, bias, padding, sparse):
-    """The reference: explicit logits over all keys, padding keys materialised, dense block mask."""
-    key_index = bias.key_index if bias is not None else []
+def _math_attention(q, k, v, scale, bias, padding, groups):
+    """The reference: padding tokens materialised, explicit logits, dense block mask."""
     if padding is not None:
-        n_pad = padding.key_index[0].numel()
-        k = torch.cat([k, padding.key[None, :, None].to(k.dtype).expand(k.shape[0], -1, n_pad, -1)], -2)
-        v = torch.cat([v, padding.value[None, :, None].to(v.dtype).expand(v.shape[0], -1, n_pad, -1)], -2)
-        key_index = [torch.cat([real, pad]) for real, pad in zip(key_index, padding.key_index)]
+        window = bias.key_grid
+        real = torch.zeros(window, dtype=torch.bool, device=k.device)
+        real[tuple(slice(0, g) for g in padding.grid)] = True
+        real = real.reshape(-1)
+
+        def fill(x, pad):
+            full = pad.to(x.dtype)[None, :, None].repeat(x.shape[0], 1, real.numel(), 1)
+            full[:, :, real] = x
+            return full
+
+        k, v = fill(k, padding.key), fill(v, padding.value)
     logits = scale * q @ k.transpose(-2, -1)
     if bias is not None:
-        for terms, index in zip(bias.query_terms, key_index):
-            logits = logits + terms[..., index]
-    if sparse is not None:
-        segment, dilation = sparse
-        token = torch.arange(q.shape[-2], device=q.device)
-        group = (token // segment) * dilation + token % dilation
-        logits = logits.masked_fill(group[:, None] != group[None, :], float("-inf"))
+        logits = logits + bias.dense()
+    if groups is not None:
+        group_of = torch.empty(q.shape[-2], dtype=torch.long, device=q.device)
+        group_of[groups.reshape(-1)] = torch.arange(groups.shape[0], device=q.device).repeat_interleave(groups.shape[1])
+        logits = logits.masked_fill(group_of[:, None] != group_of[None, :], float("-inf"))
     return logits.softmax(-1) @ v
 
 

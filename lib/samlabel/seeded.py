@@ -41,3 +41,24 @@ def seeded_volume(seed: int, size: int = 128) -> torch.Tensor:
     smooth = torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=False)
     noise = 0.1 * torch.randn((1, 1, size, size, size), generator=generator)
     return (smooth + noise).float()
+
+
+def training_checkpoint(state_dict: dict) -> dict:
+    """A checkpoint laid out as the official training scripts save it (SAM-Med3D's train.py,
+    FastSAM3D's distillation.py): the weights under 'model_state_dict' next to training state,
+    including the pickled argparse.Namespace under 'args' that FastSAM3D.pth carries."""
+    import argparse
+    import collections
+
+    import numpy as np
+
+    return {
+        "epoch": 84,
+        "model_state_dict": state_dict,
+        "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 8e-4, "weight_decay": 0.1, "params": [0, 1]}]},
+        "lr_scheduler_state_dict": {"milestones": collections.Counter({120: 1, 180: 1}), "gamma": 0.1, "last_epoch": 84},
+        "losses": [np.float64(0.41), np.float64(0.37)],
+        "best_loss": np.float64(0.37),
+        "args": argparse.Namespace(model_type="vit_b_ori", checkpoint="./work_dir/SAM/sam_med3d_oringin.pth", lr=8e-4),
+        "used_datas": ["./data/train/ct_AMOS"],
+    }

@@ -22,7 +22,7 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 def rel_pos_bias(q: torch.Tensor, q_padding: torch.Tensor, tables, extent: int):
-    """The official 3D decomposed relative positions as a FactoredBias (+ padding log-weight).
+    """The official 3D decomposed relative positions as a FactoredBias, and the padding's log-weight.
 
     The official code adds rel_d[:, :, :, :, None, None], rel_h[:, :, :, None, :, None] and
     rel_w[:, :, :, None, None, :] (each (B, d, h, w, k)) to the (B, qd, qh, qw, kd, kh, kw)
@@ -32,38 +32,34 @@ def rel_pos_bias(q: torch.Tensor, q_padding: torch.Tensor, tables, extent: int):
         q(i,j,l).Rd[i,c] + q(i,j,a).Rh[j,c] + q(i,j,b).Rw[b,c],
     where q(i,j,x) is the query of another token in the query's row (a padding token's,
     q_padding, beyond the grid). The checkpoints were trained with this; we reproduce it.
-    Terms: F1 over key pairs (a, c) and F2 over key pairs (b, c).
 
-    q: (B, heads, n^3, c) for a cubic n^3 grid inside a cubic window of `extent`; q_padding:
-    (heads, c); tables: rel_pos_d/h/w with 2 * extent - 1 rows.
+    q: (B, heads, n^3, c) for a cubic n^3 grid in the corner of a cubic window of `extent`
+    (extent == n: no padding); q_padding: (heads, c); tables: rel_pos_d/h/w, 2 * extent - 1 rows.
+    Returns the bias over the window's keys and, with padding, its log-weight (B, heads, n^3).
     """
     b, heads, tokens, c = q.shape
     n = round(tokens ** (1 / 3))
     rd, rh, rw = (gather_rel_pos(t, size, extent) for t, size in zip(tables, (n, n, extent)))
     grid_q = q.reshape(b, heads, n, n, n, c)
     row_q = torch.cat([grid_q, q_padding[None, :, None, None, None].expand(b, -1, n, n, extent - n, -1)], dim=4)
-    d_term = torch.einsum("bhijlx,ikx->bhijlk", grid_q, rd)  # q(i,j,l).Rd[i,c]
-    h_term = torch.einsum("bhijax,jkx->bhijak", row_q, rh)  # q(i,j,a).Rh[j,c]
-    w_term = torch.einsum("bhijax,akx->bhijak", row_q, rw)  # q(i,j,b).Rw[b,c]
-    f1 = d_term[..., None, :] + h_term[:, :, :, :, None]  # (B, h, i, j, l, a, c)
-    f2 = w_term[:, :, :, :, None].expand_as(f1)  # (B, h, i, j, l, b, c)
-    keys = torch.arange(extent, device=q.device)
-    a, bb, cc = torch.meshgrid(keys, keys, keys, indexing="ij")
-    real = ((a < n) & (bb < n) & (cc < n)).reshape(-1)
-    index = [(a * extent + cc).reshape(-1), (bb * extent + cc).reshape(-1)]
-    bias = FactoredBias([f.reshape(b, heads, tokens, extent * extent) for f in (f1, f2)], [i[real] for i in index])
+    d_term = torch.einsum("bhijlx,ikx->bhijlk", grid_q, rd)  # [i,j,l,c] = q(i,j,l).Rd[i,c]
+    h_term = torch.einsum("bhijax,jkx->bhijak", row_q, rh)  # [i,j,a,c] = q(i,j,a).Rh[j,c]
+    w_term = torch.einsum("bhijax,akx->bhijak", row_q, rw)  # [i,j,b,c] = q(i,j,b).Rw[b,c]
+    over_ac = (d_term[..., None, :] + h_term[:, :, :, :, None]).reshape(b, heads, tokens, extent, 1, extent)
+    over_bc = w_term[:, :, :, :, None].expand(-1, -1, -1, -1, n, -1, -1).reshape(b, heads, tokens, 1, extent, extent)
+    bias = FactoredBias([over_ac, over_bc], (extent,) * 3)
     if extent == n:
-        return bias, None, index
+        return bias, None
 
-    def log_total(size):  # log sum over keys in [0, size)^3 of exp(F1[a, c] + F2[b, c])
-        per_c = torch.logsumexp(f1[..., :size, :size], -2) + torch.logsumexp(f2[..., :size, :size], -2)
-        return torch.logsumexp(per_c, -1)
+    def log_total(size):  # log of the summed exp(bias) over the keys in [0, size)^3, factored per c
+        precise = torch.promote_types(q.dtype, torch.float32)
+        per_c = (d_term[..., :size].to(precise)
+                 + torch.logsumexp(h_term[..., :size, :size].to(precise), -2)[:, :, :, :, None]
+                 + torch.logsumexp(w_term[..., :size, :size].to(precise), -2)[:, :, :, :, None])
+        return torch.logsumexp(per_c, -1).reshape(b, heads, tokens)
 
-    precise = torch.promote_types(q.dtype, torch.float32)
-    f1, f2 = f1.to(precise), f2.to(precise)
     in_window, in_grid = log_total(extent), log_total(n)
-    log_weight = (in_window + torch.log(-torch.expm1(in_grid - in_window))).reshape(b, heads, tokens)
-    return bias, log_weight, [i[~real] for i in index]
+    return bias, in_window + torch.log(-torch.expm1(in_grid - in_window))
 
 
 class Attention(nn.Module):
@@ -97,8 +93,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, d * h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q_pad, k_pad, v_pad = self.qkv.bias.reshape(3, self.num_heads, -1)  # a zero token's q, k, v
         tables = (self.rel_pos_d, self.rel_pos_h, self.rel_pos_w)
-        bias, log_weight, pad_index = rel_pos_bias(q, q_pad, tables, extent)
-        padding = Padding(k_pad, v_pad, pad_index, log_weight) if log_weight is not None else None
+        bias, log_weight = rel_pos_bias(q, q_pad, tables, extent)
+        padding = Padding(k_pad, v_pad, (d, h, w), log_weight) if log_weight is not None else None
         sparse = self.sparse if padding is None else None
         out = attention(q, k, v, self.scale, bias, padding, sparse)
         return self.proj(out.transpose(1, 2).reshape(b, d, h, w, -1))

@@ -1,0 +1,141 @@
+"""Loading the official checkpoint files safely and checking them against our networks.
+
+Files are read with torch.load(weights_only=True): only tensors, containers and an allow-list
+of plain data types are unpickled, never arbitrary objects. The allow-list covers what the
+official training scripts save next to the weights (argparse.Namespace under 'args', the
+scheduler's Counter of milestones, numpy scalars in the loss history).
+"""
+
+import argparse
+import collections
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .registry import MODELS, ModelSpec
+
+try:
+    from numpy._core.multiarray import scalar as numpy_scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import scalar as numpy_scalar
+
+SAFE_GLOBALS = [
+    argparse.Namespace,
+    collections.Counter,
+    np.dtype,
+    (numpy_scalar, "numpy.core.multiarray.scalar"),  # as pickled by numpy 1.x
+    (numpy_scalar, "numpy._core.multiarray.scalar"),  # as pickled by numpy 2.x
+    *{type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)},
+]
+MAX_LISTED = 5  # mismatches named in an error
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, unreadable, or not the model it should be."""
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path) -> object:
+    """The unpickled top-level object of a checkpoint file, loaded on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - then the file is not a checkpoint at all
+            unsafe = []
+        if unsafe:
+            raise CheckpointError(f"{path}: refused to unpickle: it contains {', '.join(unsafe)}, "
+                                  "which is not weights data") from None
+        raise _unreadable(path, error) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path, error) -> CheckpointError:
+    with open(path, "rb") as f:
+        head = f.read(32)
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint: "
+                           f"it starts with {head!r}): {str(error).splitlines()[0]}")
+
+
+def state_dict_of(checkpoint: object, spec: ModelSpec, path) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: under spec.checkpoint_key, or the file itself."""
+    if isinstance(checkpoint, Mapping) and spec.checkpoint_key in checkpoint:
+        checkpoint = checkpoint[spec.checkpoint_key]
+    if isinstance(checkpoint, Mapping) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return dict(checkpoint)
+    entries = ", ".join(map(str, list(checkpoint)[:10])) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+    raise CheckpointError(f"{path}: no state dict for {spec.title}; expected an entry {spec.checkpoint_key!r}, found: {entries}")
+
+
+def expected_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
+    with torch.device("meta"):
+        model = spec.builder()
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, Tuple[int, ...]]):
+    """(missing keys, unexpected keys, [(key, file shape, model shape)])."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [(k, tuple(state[k].shape), expected[k]) for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    return missing, unexpected, wrong
+
+
+def check_state_dict(state, spec: ModelSpec, path) -> None:
+    """Raise one CheckpointError naming the first missing, unexpected and mis-shaped keys."""
+    missing, unexpected, wrong = mismatches(state, expected_shapes(spec))
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected)):
+        if items:
+            parts.append(f"{len(items)} {label} keys (first: {', '.join(items[:MAX_LISTED])})")
+    if wrong:
+        listed = "; ".join(f"{k}: file {list(f)} vs model {list(m)}" for k, f, m in wrong[:MAX_LISTED])
+        parts.append(f"{len(wrong)} shape mismatches (first: {listed})")
+    raise CheckpointError(f"{path} is not a {spec.title} checkpoint: " + "; ".join(parts))
+
+
+def load_model(spec: ModelSpec, path, device="cpu") -> nn.Module:
+    """Build spec's network with the weights of `path` (float32, eval mode)."""
+    state = state_dict_of(read_checkpoint(path), spec, path)
+    check_state_dict(state, spec, path)
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = spec.builder()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def identify(state: Mapping[str, torch.Tensor]):
+    """Registered models ordered by how well `state` fits them: [(spec, number of mismatches)]."""
+    scores = []
+    for spec in MODELS.values():
+        missing, unexpected, wrong = mismatches(state, expected_shapes(spec))
+        scores.append((spec, len(missing) + len(unexpected) + len(wrong)))
+    return sorted(scores, key=lambda item: item[1])
+
+
+def find_checkpoint(spec: ModelSpec, model_dir, conf: Optional[Mapping[str, str]] = None) -> Path:
+    """The checkpoint path: --conf <name>_checkpoint if given, else model_dir/<official file name>."""
+    override = (conf or {}).get(f"{spec.name}_checkpoint")
+    return Path(override) if override else Path(model_dir) / spec.checkpoint_file

@@ -1,0 +1,66 @@
+"""One place that says, per model: architecture, input, preprocessing and checkpoint.
+
+Adding a model is adding an entry here (and its builder), not touching the engine.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from torch import nn
+
+from .modeling import build_fastsam3d, build_sam_med3d_turbo
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # task name in MONAI Label and key of --conf options
+    title: str
+    builder: Callable[..., nn.Module]
+    dimension: int  # 3: volumetric clicks; 2: slice by slice
+    input_size: Tuple[int, ...]  # model input in voxels
+    spacing_mm: Optional[float]  # isotropic spacing the model was trained at
+    orientation: str  # orientation of the model input (NIfTI axis codes)
+    intensity: str  # how intensities are normalised before the encoder
+    checkpoint_file: str  # official file name, looked up in the app's model/ folder
+    checkpoint_key: Optional[str]  # entry of the checkpoint dict holding the state dict (None: the file is one)
+    source: str  # where users download the checkpoint
+
+
+MODELS: Dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="fastsam3d",
+            title="FastSAM3D",
+            builder=build_fastsam3d,
+            dimension=3,
+            input_size=(128, 128, 128),
+            spacing_mm=1.5,
+            orientation="RAS",
+            intensity="z-score over voxels > 0 of the 128^3 crop",
+            checkpoint_file="FastSAM3D.pth",
+            checkpoint_key="model_state_dict",
+            source="https://huggingface.co/techlove/FastSAM3D (FastSAM3D.pth)",
+        ),
+        ModelSpec(
+            name="sam_med3d",
+            title="SAM-Med3D-turbo",
+            builder=build_sam_med3d_turbo,
+            dimension=3,
+            input_size=(128, 128, 128),
+            spacing_mm=1.5,
+            orientation="RAS",
+            intensity="z-score over voxels > 0 of the 128^3 crop",
+            checkpoint_file="sam_med3d_turbo.pth",
+            checkpoint_key="model_state_dict",
+            source="https://huggingface.co/blueyo0/SAM-Med3D (sam_med3d_turbo.pth)",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
