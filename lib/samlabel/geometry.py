@@ -78,56 +78,76 @@ def place_window(image_affine: np.ndarray, clicks_ras: np.ndarray, size: int = 1
     return window_around(image_affine, axes @ center, size, spacing)
 
 
-def image_coordinates(window: Window, image_affine: np.ndarray) -> np.ndarray:
-    """(size, size, size, 3) continuous image voxel indices of every window voxel."""
-    to_image = np.linalg.inv(image_affine) @ window.affine
-    n = window.size
-    index = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float64),) * 3, indexing="ij"), -1)
-    return index @ to_image[:3, :3].T + to_image[:3, 3]
-
-
 def sample_window(volume: np.ndarray, image_affine: np.ndarray, window: Window) -> torch.Tensor:
     """Trilinear samples of the stored array on the window grid, 0 outside the image: (size,)*3."""
-    coords = image_coordinates(window, image_affine)
-    low = np.clip(np.floor(coords.reshape(-1, 3).min(0)).astype(int), 0, np.array(volume.shape) - 1)
-    high = np.clip(np.ceil(coords.reshape(-1, 3).max(0)).astype(int) + 1, 1, np.array(volume.shape))
-    block = torch.from_numpy(np.ascontiguousarray(volume[low[0]:high[0], low[1]:high[1], low[2]:high[2]], dtype=np.float32))
-    return _sample(block, coords - low, align_corners=True)[0, 0]
-
-
-def _sample(block: torch.Tensor, coords: np.ndarray, align_corners: bool, padding_mode: str = "zeros") -> torch.Tensor:
-    """grid_sample of a (D0, D1, D2) block at continuous indices coords (A, B, C, 3)."""
-    shape = np.array(block.shape[-3:], dtype=np.float64)
-    if align_corners:
-        normalised = 2 * coords / np.maximum(shape - 1, 1) - 1
-    else:
-        normalised = (2 * coords + 1) / shape - 1
-    grid = torch.from_numpy(normalised[..., ::-1].astype(np.float32).copy())[None]  # grid_sample wants (x=last axis, y, z)
-    return F.grid_sample(block.reshape(1, 1, *block.shape[-3:]).float(), grid, mode="bilinear",
-                         padding_mode=padding_mode, align_corners=align_corners)
+    window_to_image = np.linalg.inv(image_affine) @ window.affine
+    corners = apply(window_to_image, _corners(window.size, 0))
+    shape = np.array(volume.shape)
+    low = np.clip(np.floor(corners.min(0)).astype(int), 0, shape - 1)
+    high = np.clip(np.ceil(corners.max(0)).astype(int) + 1, 1, shape)
+    block = volume[low[0]:high[0], low[1]:high[1], low[2]:high[2]]  # only what the window sees
+    block = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    shift = np.eye(4)
+    shift[:3, 3] = -low
+    return _resample(block, (window.size,) * 3, shift @ window_to_image, "zeros")
 
 
 def logits_to_image(logits: torch.Tensor, window: Window, image_shape: Tuple[int, int, int],
-                    image_affine: np.ndarray) -> Tuple[np.ndarray, Tuple[slice, ...]]:
+                    image_affine: np.ndarray, positive_only: bool = False) -> Tuple[np.ndarray, Tuple[slice, ...]]:
     """Low-res logits (…, L, L, L) of the window, trilinearly sampled at each image voxel the
-    window covers (the official trilinear upsampling to the window, read at that point).
-    Returns (logits on the covered block of the image, the block's slices); voxels of the block
-    outside the window are -inf."""
+    window covers: the official trilinear upsampling to the window (align_corners=False, which
+    clamps at the border cells), read at that voxel. Returns (logits on the covered block of
+    the image, the block's slices); voxels of the block outside the window are -inf.
+
+    positive_only: cover only the part of the window where a logit can be > 0 (within one cell
+    of a positive cell: trilinear interpolation of non-positive values is never positive)."""
     image_shape = np.array(image_shape)
-    to_window = np.linalg.inv(window.affine) @ image_affine
-    corners = np.stack(np.meshgrid(*([-0.5, window.size - 0.5],) * 3, indexing="ij"), -1).reshape(-1, 3)
-    corners_image = apply(np.linalg.inv(image_affine) @ window.affine, corners)
-    low = np.clip(np.floor(corners_image.min(0)).astype(int), 0, image_shape)
-    high = np.clip(np.ceil(corners_image.max(0)).astype(int) + 1, 0, image_shape)
+    low_res = logits.reshape(logits.shape[-3:]).float()
+    cells = low_res.shape[0] / window.size
+    region = np.array([[-0.5] * 3, [window.size - 0.5] * 3])  # window voxel box
+    if positive_only:
+        positive = torch.nonzero(low_res > 0)
+        if positive.numel() == 0:
+            return np.zeros(0), (slice(0, 0),) * 3
+        centre = lambda c: (c.numpy() + 0.5) / cells - 0.5  # noqa: E731 - cell index -> window voxel
+        reach = 1 / cells  # one cell, in window voxels
+        region = np.clip([centre(positive.min(0).values) - reach, centre(positive.max(0).values) + reach], -0.5, window.size - 0.5)
+    box = np.stack(np.meshgrid(*region.T, indexing="ij"), -1).reshape(-1, 3)
+    corners = apply(np.linalg.inv(image_affine) @ window.affine, box)
+    low = np.clip(np.floor(corners.min(0)).astype(int), 0, image_shape)
+    high = np.clip(np.ceil(corners.max(0)).astype(int) + 1, 0, image_shape)
     block = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
     if np.any(high <= low):
         return np.zeros(0), block
-    index = np.stack(np.meshgrid(*(np.arange(a, b, dtype=np.float64) for a, b in zip(low, high)), indexing="ij"), -1)
-    u = index @ to_window[:3, :3].T + to_window[:3, 3]  # window voxel coordinates
-    inside = np.all((u >= -0.5) & (u <= window.size - 0.5), axis=-1)
-    low_res = logits.reshape(logits.shape[-3:]).float()
-    # Low-res cell coordinates as in trilinear upsampling with align_corners=False, which clamps
-    # at the border cells (padding_mode="border").
-    scaled = (u + 0.5) * (low_res.shape[0] / window.size) - 0.5
-    values = _sample(low_res, scaled, align_corners=True, padding_mode="border")[0, 0].numpy()
-    return np.where(inside, values, -np.inf), block
+    # image block index -> image index -> window index u -> low-res cell (u + 0.5) * cells - 0.5
+    to_cells = np.diag([cells, cells, cells, 1.0])
+    to_cells[:3, 3] = 0.5 * cells - 0.5
+    shift = np.eye(4)
+    shift[:3, 3] = low
+    block_to_cells = to_cells @ np.linalg.inv(window.affine) @ image_affine @ shift
+    values, grid = _resample(low_res, tuple(high - low), block_to_cells, "border", return_grid=True)
+    half_cell = 0.5 / (low_res.shape[0] - 1)  # the window reaches half a cell beyond the outer cell centres
+    inside = (grid.abs() <= 1 + 2 * half_cell + 1e-6).all(-1)[0].numpy()
+    return np.where(inside, values.numpy(), -np.inf), block
+
+
+def _corners(size: int, overhang: float) -> np.ndarray:
+    ends = [-overhang, size - 1 + overhang]
+    return np.stack(np.meshgrid(ends, ends, ends, indexing="ij"), -1).reshape(-1, 3)
+
+
+def _resample(block: torch.Tensor, out_shape, out_to_block: np.ndarray, padding_mode: str, return_grid: bool = False):
+    """Trilinear resampling of `block` (D0, D1, D2) on an out_shape grid, where out_to_block
+    (4x4) maps output voxel indices to block voxel indices (both in array axis order)."""
+    out_n = np.maximum(np.array(out_shape, dtype=np.float64) - 1, 1)
+    in_n = np.maximum(np.array(block.shape, dtype=np.float64) - 1, 1)
+    from_normalised = np.diag([*(out_n / 2), 1.0])  # align_corners=True: x = 2 i / (n - 1) - 1
+    from_normalised[:3, 3] = out_n / 2
+    to_normalised = np.diag([*(2 / in_n), 1.0])
+    to_normalised[:3, 3] = -1
+    theta = to_normalised @ out_to_block @ from_normalised
+    reverse = np.eye(4)[[2, 1, 0, 3]]  # affine_grid and grid_sample order coordinates (x=last axis, y, z)
+    theta = torch.from_numpy((reverse @ theta @ reverse)[:3]).float()[None]
+    grid = F.affine_grid(theta, [1, 1, *out_shape], align_corners=True)
+    values = F.grid_sample(block[None, None].float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)[0, 0]
+    return (values, grid) if return_grid else values

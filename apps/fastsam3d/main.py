@@ -1,0 +1,66 @@
+"""MONAI Label app serving medical Segment-Anything models (FastSAM3D, SAM-Med3D-turbo).
+
+Start it with::
+
+    monailabel start_server --app apps/fastsam3d --studies <folder or DICOMweb URL> [--conf models fastsam3d]
+
+Conf keys (``--conf KEY VALUE``):
+    models:                comma-separated model names, or "all" (default: every model whose checkpoint is present)
+    <model>_checkpoint:    checkpoint path, instead of model/<official file name> (e.g. fastsam3d_checkpoint)
+    device:                cpu or cuda (default: cuda when available)
+    image_cache_mb:        memory for loaded images (default 2048)
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+import samlabel
+from samlabel.checkpoint import find_checkpoint
+from samlabel.engine import ClickSegmenter3D, ImageCache
+from samlabel.registry import MODELS, get_spec
+from samlabel.tasks.click3d import ClickSegmentation3D
+
+logger = logging.getLogger(__name__)
+
+
+class FastSAM3DApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.model_dir = Path(app_dir) / "model"
+        self.conf_values = conf
+        requested = [m.strip() for m in conf.get("models", "").split(",") if m.strip()]
+        self.explicit = requested and requested != ["all"]
+        self.models: List[str] = requested if self.explicit else list(MODELS)
+        for name in self.models:
+            get_spec(name)  # unknown names stop the start-up with the list of known ones
+        self.missing = {}  # model -> what to do about its checkpoint
+        for name in self.models:
+            spec = get_spec(name)
+            path = find_checkpoint(spec, self.model_dir, conf)
+            if not path.is_file():
+                self.missing[name] = f"checkpoint not found: put {spec.checkpoint_file} at {path} (download: {spec.source})"
+                logger.warning(f"{spec.title}: {self.missing[name]}")
+        description = "Medical Segment-Anything models for interactive segmentation"
+        if self.missing:
+            description += ". Missing checkpoints: " + "; ".join(f"{n}: {m}" for n, m in self.missing.items())
+        logger.info(f"FastSAM3D app: models requested = {requested or ['all']}")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FastSAM3D",
+                         description=description, version=samlabel.__version__)
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        device = self.conf_values.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        images = ImageCache(max_bytes=float(self.conf_values.get("image_cache_mb", 2048)) * 2**20)
+        infers = {}
+        for name in self.models:
+            if name in self.missing and not self.explicit:
+                continue  # by default only models whose checkpoint is present; the log and /info/ say what is missing
+            spec = get_spec(name)
+            segmenter = ClickSegmenter3D(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
+            infers[name] = ClickSegmentation3D(segmenter, self.missing.get(name, ""))
+        logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")
+        return infers

@@ -1,0 +1,1 @@
+"""MONAI Label tasks serving the models to the stock Slicer and OHIF plugins."""

@@ -1,0 +1,64 @@
+"""MONAI Label infer task for the 3D click models (type deepgrow, dimension 3).
+
+Requests as the stock plugins send them: `foreground` / `background` voxel indices of the
+image as stored, plus (Slicer) `label`, `client_id`, `reset_state`, `result_extension`,
+`result_dtype`. The mask comes back on the image's own grid with its geometry.
+
+Interaction state is kept per (client_id, image, label). OHIF sends neither client_id nor
+label, so its state is per image; a request whose clicks do not contain the previous clicks
+(another segment, clicks removed) starts a new interaction, which separates OHIF's segments.
+"""
+
+import logging
+import os
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import strtobool
+
+from ..checkpoint import CheckpointError
+from ..engine import ClickSegmenter3D, InputError
+
+logger = logging.getLogger(__name__)
+LABELS = ["segment"]  # OHIF offers a segment only for declared labels; Slicer sends its own segment name
+
+
+class ClickSegmentation3D(BasicInferTask):
+    def __init__(self, segmenter: ClickSegmenter3D, missing_checkpoint_hint: str = ""):
+        spec = segmenter.spec
+        description = f"{spec.title}: 3D segmentation from positive/negative clicks ({spec.input_size[0]}^3 window, {spec.spacing_mm} mm)"
+        if missing_checkpoint_hint:
+            description += f". UNAVAILABLE: {missing_checkpoint_hint}"
+        super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=3,
+                         description=description, config={"reset_state": False})
+        self.segmenter = segmenter
+        self.missing_checkpoint_hint = missing_checkpoint_hint
+
+    def is_valid(self) -> bool:
+        return True  # listed in /info/ even without its checkpoint, whose absence the description states
+
+    def pre_transforms(self, data=None):
+        return []
+
+    def post_transforms(self, data=None):
+        return []
+
+    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
+        if not self.segmenter.checkpoint.is_file():
+            raise HTTPException(status_code=503, detail=self.missing_checkpoint_hint or f"checkpoint {self.segmenter.checkpoint} is missing")
+        if not data.get("image_path") or not os.path.exists(data["image_path"]):
+            raise HTTPException(status_code=404, detail="image not found in the datastore or session")
+        key = (data.get("client_id"), data.get("image_path"), data.get("label"))
+        try:
+            result = self.segmenter.segment(data["image_path"], data.get("foreground"), data.get("background"), key,
+                                            reset=strtobool(str(data.get("reset_state", False))))
+        except InputError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        except CheckpointError as error:
+            raise HTTPException(status_code=503, detail=str(error)) from None
+        logger.info(f"{self.segmenter.spec.name}: {result.info}")
+        data["pred"] = result.mask
+        data["pred_meta_dict"] = {"affine": self.segmenter.images.get(data["image_path"]).affine}
+        data["result"] = result.info
+        return data
