@@ -245,7 +245,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, image
 
 def test_unknown_model_is_refused(server):
     response = slicer_infer(server.url, "no_such_model", "phantom_ras", [PHANTOM_CLICK])
-    assert response.status_code >= 400
+    assert response.status_code == 400 and "no model 'no_such_model'" in response.json()["detail"]
 
 
 def test_missing_checkpoint_is_reported_at_start_and_on_infer(monailabel_server, click_studies, tmp_path):

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import samlabel
@@ -64,3 +66,11 @@ class FastSAM3DApp(MONAILabelApp):
             infers[name] = ClickSegmentation3D(segmenter, self.missing.get(name, ""))
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")
         return infers
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message."""
+        try:
+            return super().infer(request, datastore)
+        except MONAILabelException as error:
+            status = 400 if error.error == MONAILabelError.INVALID_INPUT else 500
+            raise HTTPException(status_code=status, detail=error.msg) from None
