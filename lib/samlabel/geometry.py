@@ -79,17 +79,24 @@ def place_window(image_affine: np.ndarray, clicks_ras: np.ndarray, size: int = 1
 
 
 def sample_window(volume: np.ndarray, image_affine: np.ndarray, window: Window) -> torch.Tensor:
-    """Trilinear samples of the stored array on the window grid, 0 outside the image: (size,)*3."""
-    window_to_image = np.linalg.inv(image_affine) @ window.affine
-    corners = apply(window_to_image, _corners(window.size, 0))
-    shape = np.array(volume.shape)
-    low = np.clip(np.floor(corners.min(0)).astype(int), 0, shape - 1)
-    high = np.clip(np.ceil(corners.max(0)).astype(int) + 1, 1, shape)
-    block = volume[low[0]:high[0], low[1]:high[1], low[2]:high[2]]  # only what the window sees
-    block = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
-    shift = np.eye(4)
-    shift[:3, 3] = -low
-    return _resample(block, (window.size,) * 3, shift @ window_to_image, "zeros")
+    """Trilinear samples of the stored array on the window grid, 0 outside the image: (size,)*3.
+
+    The window's axes are the image's own axes (permuted, flipped, rescaled), so trilinear
+    interpolation is three 1-D interpolations, one along each axis."""
+    axes, scale, offset = _axis_map(window, image_affine)
+    u = np.arange(window.size, dtype=np.float64)
+    positions = [offset[r] + scale[r] * u for r in range(3)]  # image index along axes[r]
+    low = [max(0, int(np.floor(min(p[0], p[-1])))) for p in positions]
+    high = [min(volume.shape[a], int(np.ceil(max(p[0], p[-1]))) + 1) for a, p in zip(axes, positions)]
+    if any(h <= l for l, h in zip(low, high)):
+        return torch.zeros((window.size,) * 3)
+    crop = [slice(0, 0)] * 3
+    for r, a in enumerate(axes):
+        crop[a] = slice(low[r], high[r])
+    block = torch.from_numpy(np.ascontiguousarray(volume[tuple(crop)], dtype=np.float32)).permute(*axes)
+    for r in range(3):
+        block = _interpolate_axis(block, r, positions[r] - low[r], border=False)
+    return block.contiguous()
 
 
 def logits_to_image(logits: torch.Tensor, window: Window, image_shape: Tuple[int, int, int],
@@ -101,7 +108,6 @@ def logits_to_image(logits: torch.Tensor, window: Window, image_shape: Tuple[int
 
     positive_only: cover only the part of the window where a logit can be > 0 (within one cell
     of a positive cell: trilinear interpolation of non-positive values is never positive)."""
-    image_shape = np.array(image_shape)
     low_res = logits.reshape(logits.shape[-3:]).float()
     cells = low_res.shape[0] / window.size
     region = np.array([[-0.5] * 3, [window.size - 0.5] * 3])  # window voxel box
@@ -110,44 +116,60 @@ def logits_to_image(logits: torch.Tensor, window: Window, image_shape: Tuple[int
         if positive.numel() == 0:
             return np.zeros(0), (slice(0, 0),) * 3
         centre = lambda c: (c.numpy() + 0.5) / cells - 0.5  # noqa: E731 - cell index -> window voxel
-        reach = 1 / cells  # one cell, in window voxels
-        region = np.clip([centre(positive.min(0).values) - reach, centre(positive.max(0).values) + reach], -0.5, window.size - 0.5)
-    box = np.stack(np.meshgrid(*region.T, indexing="ij"), -1).reshape(-1, 3)
-    corners = apply(np.linalg.inv(image_affine) @ window.affine, box)
-    low = np.clip(np.floor(corners.min(0)).astype(int), 0, image_shape)
-    high = np.clip(np.ceil(corners.max(0)).astype(int) + 1, 0, image_shape)
-    block = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
-    if np.any(high <= low):
-        return np.zeros(0), block
-    # image block index -> image index -> window index u -> low-res cell (u + 0.5) * cells - 0.5
-    to_cells = np.diag([cells, cells, cells, 1.0])
-    to_cells[:3, 3] = 0.5 * cells - 0.5
-    shift = np.eye(4)
-    shift[:3, 3] = low
-    block_to_cells = to_cells @ np.linalg.inv(window.affine) @ image_affine @ shift
-    values, grid = _resample(low_res, tuple(high - low), block_to_cells, "border", return_grid=True)
-    half_cell = 0.5 / (low_res.shape[0] - 1)  # the window reaches half a cell beyond the outer cell centres
-    inside = (grid.abs() <= 1 + 2 * half_cell + 1e-6).all(-1)[0].numpy()
-    return np.where(inside, values.numpy(), -np.inf), block
+        region = np.clip([centre(positive.min(0).values) - 1 / cells, centre(positive.max(0).values) + 1 / cells],
+                         -0.5, window.size - 0.5)
+    axes, scale, offset = _axis_map(window, image_affine)
+    block, cell_positions, inside = [slice(0, 0)] * 3, [None] * 3, [None] * 3
+    for r, a in enumerate(axes):
+        ends = offset[r] + scale[r] * region[:, r]  # the region's extent in image indices
+        first = max(0, int(np.ceil(min(ends) - 1e-9)))
+        last = min(image_shape[a] - 1, int(np.floor(max(ends) + 1e-9)))
+        block[a] = slice(first, max(first, last + 1))
+        u = (np.arange(first, last + 1, dtype=np.float64) - offset[r]) / scale[r]  # window coordinates
+        inside[r] = (u >= -0.5 - 1e-9) & (u <= window.size - 0.5 + 1e-9)
+        cell_positions[r] = (u + 0.5) * cells - 0.5
+    if any(p.size == 0 for p in cell_positions):
+        return np.zeros(0), tuple(block)
+    values = low_res
+    for r in range(3):
+        values = _interpolate_axis(values, r, cell_positions[r], border=True)
+    inside_all = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    values = np.where(inside_all, values.numpy(), -np.inf)
+    order = np.argsort(axes)  # window axis order -> image axis order
+    return values.transpose(order), tuple(block)
 
 
-def _corners(size: int, overhang: float) -> np.ndarray:
-    ends = [-overhang, size - 1 + overhang]
-    return np.stack(np.meshgrid(ends, ends, ends, indexing="ij"), -1).reshape(-1, 3)
+def _axis_map(window: Window, image_affine: np.ndarray):
+    """Per window axis r: the image axis axes[r] and image index = offset[r] + scale[r] * u_r."""
+    window_to_image = np.linalg.inv(image_affine) @ window.affine
+    linear = window_to_image[:3, :3]
+    axes = np.argmax(np.abs(linear), axis=0)
+    scale = linear[axes, [0, 1, 2]]
+    off_axis = np.abs(linear).sum(0) - np.abs(scale)
+    if sorted(axes) != [0, 1, 2] or np.any(off_axis > 1e-6 * np.abs(scale)):
+        raise ValueError("the window's axes must be the image's own axes (permuted, flipped, rescaled)")
+    return [int(a) for a in axes], scale, window_to_image[axes, 3]
 
 
-def _resample(block: torch.Tensor, out_shape, out_to_block: np.ndarray, padding_mode: str, return_grid: bool = False):
-    """Trilinear resampling of `block` (D0, D1, D2) on an out_shape grid, where out_to_block
-    (4x4) maps output voxel indices to block voxel indices (both in array axis order)."""
-    out_n = np.maximum(np.array(out_shape, dtype=np.float64) - 1, 1)
-    in_n = np.maximum(np.array(block.shape, dtype=np.float64) - 1, 1)
-    from_normalised = np.diag([*(out_n / 2), 1.0])  # align_corners=True: x = 2 i / (n - 1) - 1
-    from_normalised[:3, 3] = out_n / 2
-    to_normalised = np.diag([*(2 / in_n), 1.0])
-    to_normalised[:3, 3] = -1
-    theta = to_normalised @ out_to_block @ from_normalised
-    reverse = np.eye(4)[[2, 1, 0, 3]]  # affine_grid and grid_sample order coordinates (x=last axis, y, z)
-    theta = torch.from_numpy((reverse @ theta @ reverse)[:3]).float()[None]
-    grid = F.affine_grid(theta, [1, 1, *out_shape], align_corners=True)
-    values = F.grid_sample(block[None, None].float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)[0, 0]
-    return (values, grid) if return_grid else values
+def _interpolate_axis(values: torch.Tensor, dim: int, positions: np.ndarray, border: bool) -> torch.Tensor:
+    """Linear interpolation of `values` along `dim` at continuous indices `positions`; outside
+    the axis: 0 (border=False) or the edge value (border=True), as grid_sample's padding modes.
+
+    Short axes (the 32 low-res cells) go through a matrix product with the interpolation
+    matrix; long ones (image blocks) through gathers of the two neighbours."""
+    n = values.shape[dim]
+    x = np.clip(positions, 0, n - 1) if border else positions
+    lower = np.floor(x).astype(np.int64)
+    neighbours = []
+    for index, weight in ((lower, 1 - (x - lower)), (lower + 1, x - lower)):
+        valid = (index >= 0) & (index < n)
+        neighbours.append((torch.from_numpy(np.clip(index, 0, n - 1)), torch.from_numpy(np.where(valid, weight, 0.0)).float()))
+    moved = values.movedim(dim, -1)
+    if n <= 64:
+        matrix = torch.zeros(len(positions), n)
+        for index, weight in neighbours:
+            matrix.index_put_((torch.arange(len(positions)), index), weight, accumulate=True)
+        return (moved @ matrix.T).movedim(-1, dim)
+    shape = [1, 1, 1]
+    shape[dim] = -1
+    return sum(values.index_select(dim, index) * weight.reshape(shape) for index, weight in neighbours)
