@@ -13,9 +13,12 @@ Conf keys (``--conf KEY VALUE``):
 
 import logging
 import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
@@ -65,6 +68,7 @@ class FastSAM3DApp(MONAILabelApp):
             segmenter = ClickSegmenter3D(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
             infers[name] = ClickSegmentation3D(segmenter, self.missing.get(name, ""))
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")
+        threading.Thread(target=warm_up_writer, daemon=True).start()
         return infers
 
     def infer(self, request, datastore=None):
@@ -74,3 +78,12 @@ class FastSAM3DApp(MONAILabelApp):
         except MONAILabelException as error:
             status = 400 if error.error == MONAILabelError.INVALID_INPUT else 500
             raise HTTPException(status_code=status, detail=error.msg) from None
+
+
+def warm_up_writer():
+    """ITK loads its image IO modules on first use (seconds): do it now, not on the first click."""
+    from monailabel.transform.writer import write_itk
+
+    with tempfile.TemporaryDirectory() as folder:
+        for extension in (".nrrd", ".nii.gz"):
+            write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(folder, "warm-up" + extension), np.eye(4), "uint8", False)

@@ -26,35 +26,24 @@ class ModelSpec:
     source: str  # where users download the checkpoint
 
 
+# What both 3D click models share: the official SAM-Med3D input pipeline and checkpoint layout.
+SAM_MED3D_INPUT = dict(
+    dimension=3,
+    input_size=(128, 128, 128),
+    spacing_mm=1.5,
+    orientation="RAS",
+    intensity="z-score over voxels > 0 of the 128^3 crop",
+    checkpoint_key="model_state_dict",
+)
+
 MODELS: Dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec(
-            name="fastsam3d",
-            title="FastSAM3D",
-            builder=build_fastsam3d,
-            dimension=3,
-            input_size=(128, 128, 128),
-            spacing_mm=1.5,
-            orientation="RAS",
-            intensity="z-score over voxels > 0 of the 128^3 crop",
-            checkpoint_file="FastSAM3D.pth",
-            checkpoint_key="model_state_dict",
-            source="https://huggingface.co/techlove/FastSAM3D (FastSAM3D.pth)",
-        ),
-        ModelSpec(
-            name="sam_med3d",
-            title="SAM-Med3D-turbo",
-            builder=build_sam_med3d_turbo,
-            dimension=3,
-            input_size=(128, 128, 128),
-            spacing_mm=1.5,
-            orientation="RAS",
-            intensity="z-score over voxels > 0 of the 128^3 crop",
-            checkpoint_file="sam_med3d_turbo.pth",
-            checkpoint_key="model_state_dict",
-            source="https://huggingface.co/blueyo0/SAM-Med3D (sam_med3d_turbo.pth)",
-        ),
+        ModelSpec(name="fastsam3d", title="FastSAM3D", builder=build_fastsam3d, checkpoint_file="FastSAM3D.pth",
+                  source="https://huggingface.co/techlove/FastSAM3D (FastSAM3D.pth)", **SAM_MED3D_INPUT),
+        ModelSpec(name="sam_med3d", title="SAM-Med3D-turbo", builder=build_sam_med3d_turbo,
+                  checkpoint_file="sam_med3d_turbo.pth",
+                  source="https://huggingface.co/blueyo0/SAM-Med3D (sam_med3d_turbo.pth)", **SAM_MED3D_INPUT),
     )
 }
 
