@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/bench_clicks.py [--repeats 5] [--models fastsam3d,sam_med3d]
 
-Makes a 512 x 512 x 300 int16 CT-like volume (0.7 x 0.7 x 1.0 mm, LPS) and seeded full-size
-checkpoints in the official format, starts the server on loopback, and times HTTP round trips:
-  first click   a new window (image already cached): window sampling + encoder + decoder + write
-  next click    another click in the same window: decoder + write only
-and, for reference, how long reading the volume from disk takes (what a server that reloads the
-image on every click pays before any model runs). Medians over --repeats.
+Makes a 512 x 512 x 300 int16 CT-like volume (0.7 x 0.7 x 1.0 mm, LPS; one copy per model, so
+each model's first click meets a new image) and seeded full-size checkpoints in the official
+format, starts the server on loopback and clicks like a user, timing HTTP round trips:
+  first click     on the new CT: image load + window sampling + encoder + decoder + write
+  next 5 clicks   in the same window: decoder + mapping back + write (median)
+  far click       a click 150 mm away: a new window, so the encoder runs again
+Next to it, in the same run, MONAI Label's uncached request path: MONAI LoadImage of the CT,
+the model (encoder + decoder) and MONAI Label's writer, every request (median of --repeats).
 """
 
 import argparse
@@ -67,15 +69,40 @@ def start_server(studies: Path, conf: dict, work: Path):
     raise RuntimeError((work / "server.log").read_text())
 
 
-def click(url, model, points, client):
-    params = {"label": "organ", "foreground": points, "background": [], "client_id": client,
+def click(url, model, image, foreground, background, client):
+    params = {"label": "organ", "foreground": foreground, "background": background, "client_id": client,
               "result_extension": ".nrrd", "result_dtype": "uint8"}
     start = time.perf_counter()
-    response = requests.post(f"{url}/infer/{model}", params={"image": "ct"}, files={"params": (None, json.dumps(params))},
+    response = requests.post(f"{url}/infer/{model}", params={"image": image}, files={"params": (None, json.dumps(params))},
                              timeout=600)
     elapsed = time.perf_counter() - start
     response.raise_for_status()
     return elapsed
+
+
+def uncached_request(path: Path, model_name: str, checkpoint: Path, repeats: int) -> float:
+    """What a request costs without caches: load the image, run encoder and decoder, write."""
+    from monai.transforms import LoadImage
+    from monailabel.transform.writer import write_itk
+
+    from samlabel.checkpoint import load_model
+    from samlabel.predictor import SamPredictor3D
+
+    predictor = SamPredictor3D(load_model(get_spec(model_name), checkpoint))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        image = LoadImage(image_only=True)(str(path))
+        window = image[200 - 64:200 + 64, 230 - 64:230 + 64, 150 - 64:150 + 64].float()
+        predictor.set_volume((window - window.mean()) / window.std())
+        logits, _ = predictor.predict([[64, 64, 64]], [1])
+        mask = np.zeros(image.shape, np.uint8)
+        mask[200 - 64:200 + 64, 230 - 64:230 + 64, 150 - 64:150 + 64] = torch.nn.functional.interpolate(
+            logits, size=(128,) * 3, mode="trilinear").numpy()[0, 0] > 0
+        with tempfile.NamedTemporaryFile(suffix=".nrrd") as out:
+            write_itk(mask, out.name, image.affine.numpy(), "uint8", False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main():
@@ -84,14 +111,13 @@ def main():
     parser.add_argument("--models", default="fastsam3d,sam_med3d")
     args = parser.parse_args()
     models = args.models.split(",")
+    torch.set_num_threads(min(2, os.cpu_count()))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         studies = work / "studies"
         studies.mkdir()
-        make_ct(studies / "ct.nii.gz")
-        start = time.perf_counter()
-        nib.load(str(studies / "ct.nii.gz")).get_fdata(dtype=np.float32)
-        reload_s = time.perf_counter() - start
+        for name in models:
+            make_ct(studies / f"ct_{name}.nii.gz")
         conf = {"models": ",".join(models)}
         for name in models:
             spec = get_spec(name)
@@ -99,23 +125,28 @@ def main():
             torch.save(training_checkpoint(seeded_state_dict(expected_shapes(spec), 0)), path)
             conf[f"{name}_checkpoint"] = path
         proc, url = start_server(studies, conf, work)
+        rows = []
         try:
-            print(f"{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 CT, {os.cpu_count()} CPU threads, medians of {args.repeats}")
-            print(f"reading the volume from disk: {reload_s:.2f} s")
-            print("| model | cold first click (s) | first click, new window (s) | next click, same window (s) |")
-            print("|---|---|---|---|")
             for name in models:
-                cold = click(url, name, [[200, 230, 150]], f"{name}-warmup")  # loads model and image
-                firsts, nexts = [], []
-                for r in range(args.repeats):
-                    centre = [200 + 20 * r, 230, 150]
-                    firsts.append(click(url, name, [centre], f"{name}-{r}"))
-                    nexts.append(click(url, name, [centre, [centre[0] + 5, 232, 152]], f"{name}-{r}"))
-                print(f"| {name} | {cold:.2f} | {statistics.median(firsts):.2f} | {statistics.median(nexts):.2f} |")
-                sys.stdout.flush()
+                image, centre = f"ct_{name}", [200, 230, 150]
+                first = click(url, name, image, [centre], [], "user")
+                nexts, foreground, background = [], [centre], []
+                for step in range(5):  # alternate positive and negative refinements near the first click
+                    point = [centre[0] + 3 * (step + 1), centre[1] - 2 * step, centre[2] + step]
+                    (foreground if step % 2 == 0 else background).append(point)
+                    nexts.append(click(url, name, image, foreground, background, "user"))
+                far = click(url, name, image, [[centre[0] + 200, centre[1], centre[2]]], [], "user")
+                rows.append((name, first, statistics.median(nexts), far))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        uncached = {name: uncached_request(studies / f"ct_{name}.nii.gz", name, conf[f"{name}_checkpoint"], args.repeats)
+                    for name in models}
+    print(f"{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 CT, torch threads {torch.get_num_threads()}, HTTP round trips")
+    print("| model | first click (s) | next 5 clicks, median (s) | far click (s) | uncached request, median (s) | next / uncached |")
+    print("|---|---|---|---|---|---|")
+    for name, first, next_median, far in rows:
+        print(f"| {name} | {first:.2f} | {next_median:.3f} | {far:.2f} | {uncached[name]:.2f} | 1/{uncached[name] / next_median:.0f} |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class Window:
     size: int
 
     def key(self) -> bytes:
-        return np.round(self.affine, 6).tobytes() + bytes([self.size % 256])
+        return (np.round(self.affine, 6) + 0.0).tobytes() + bytes([self.size % 256])  # + 0.0: no -0.0
 
     def to_window(self, points_ras: np.ndarray) -> np.ndarray:
         return apply(np.linalg.inv(self.affine), points_ras)
@@ -71,7 +71,7 @@ def place_window(image_affine: np.ndarray, clicks_ras: np.ndarray, size: int = 1
     along = np.asarray(clicks_ras, dtype=np.float64).reshape(-1, 3) @ axes  # mm along the window axes
     low, high = along.min(0), along.max(0)
     center = (low + high) / 2
-    too_wide = high - low > (size - 1) * spacing - 1e-6
+    too_wide = high - low > (size - 1) * spacing + 1e-6
     if too_wide.any():
         anchor = np.asarray(anchor_ras if anchor_ras is not None else clicks_ras[-1], dtype=np.float64) @ axes
         center = np.where(too_wide, anchor, center)

@@ -1,0 +1,191 @@
+"""Shared fixtures: sample studies and real `monailabel start_server` processes.
+
+``monailabel_server(conf=None, studies=None, app_dir=APP_DIR)`` starts (once per distinct
+arguments, for the whole session) a real server on 127.0.0.1 with a free port, waits for
+``/info/`` and returns a ``Server`` (``.url``, ``.log_path``, ``.log()``). Every server is
+terminated at the end of the session; the tail of every running server's log is attached
+to the report of a failing test.
+"""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = REPO_ROOT / "apps" / "fastsam3d"
+SAMPLE_STUDIES_SCRIPT = REPO_ROOT / "scripts" / "sample_studies.py"
+SERVER_START_TIMEOUT_S = float(os.environ.get("SAMLABEL_TEST_SERVER_TIMEOUT", "180"))
+LOG_TAIL_LINES = 200
+
+# Loaded into every test server (sitecustomize on its PYTHONPATH): an audit hook that logs
+# each name look-up or connection to a host other than loopback, i.e. any download try.
+NETWORK_MARKER = "SAMLABEL-TEST-NETWORK"
+NETWORK_HOOK_SOURCE = f"""
+import sys
+
+_LOCAL = {{None, "localhost", "127.0.0.1", "::1", b"localhost", b"127.0.0.1"}}
+
+
+def _samlabel_test_network_hook(event, args):
+    if event == "socket.getaddrinfo" and args[0] not in _LOCAL:
+        sys.stderr.write("{NETWORK_MARKER}: getaddrinfo %r\\n" % (args[0],))
+    elif event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in _LOCAL:
+        sys.stderr.write("{NETWORK_MARKER}: connect %r\\n" % (args[1],))
+
+
+sys.addaudithook(_samlabel_test_network_hook)
+"""
+
+_running_servers: list = []
+
+
+def load_sample_studies_module():
+    """Import scripts/sample_studies.py (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("sample_studies", SAMPLE_STUDIES_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def sample_studies_module():
+    return load_sample_studies_module()
+
+
+@pytest.fixture(scope="session")
+def sample_studies_dir(tmp_path_factory, sample_studies_module) -> Path:
+    """A fresh studies folder holding the sample studies (written once per session)."""
+    out = tmp_path_factory.mktemp("sample-studies")
+    sample_studies_module.write_sample_studies(out)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    args: list
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # The server runs in its own session: signal its whole process group.
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+
+def start_server(
+    app_dir: Path, studies, conf: Optional[Dict[str, str]], work_dir: Path, timeout_s: float = SERVER_START_TIMEOUT_S
+) -> Server:
+    port = _free_port()
+    args = [
+        sys.executable, "-m", "monailabel.main", "start_server",
+        "--app", str(app_dir), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    for key, value in (conf or {}).items():
+        args += ["--conf", str(key), str(value)]
+
+    env = dict(os.environ)
+    # The venv's bin first: dcmqi's itkimage2segimage lives there (else MONAI Label downloads it).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["MONAI_LABEL_SESSION_PATH"] = str(work_dir / "sessions")
+    env["MONAI_LABEL_DATASTORE_CACHE_PATH"] = str(work_dir / "cache")
+    env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(work_dir / "dicomweb-cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    hook_dir = work_dir / "network-hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(NETWORK_HOOK_SOURCE)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH", "")) if p)
+
+    log_path = work_dir / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            args, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, args=args)
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"monailabel exited with {proc.returncode} before /info/ answered:\n{server.log()}")
+        try:
+            if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"monailabel did not answer /info/ within {timeout_s} s:\n{server.log()}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def monailabel_server(tmp_path_factory, sample_studies_dir):
+    """Factory: ``monailabel_server(conf=None, studies=None, app_dir=APP_DIR) -> Server``.
+
+    ``studies`` defaults to the session's sample studies folder; servers with the same
+    arguments are shared within the session.
+    """
+    servers: Dict[tuple, Server] = {}
+
+    def factory(conf: Optional[Dict[str, str]] = None, studies=None, app_dir: Path = APP_DIR) -> Server:
+        studies = sample_studies_dir if studies is None else studies
+        key = (str(app_dir), str(studies), tuple(sorted((conf or {}).items())))
+        if key not in servers:
+            servers[key] = start_server(Path(app_dir), studies, conf, tmp_path_factory.mktemp("monailabel"))
+            _running_servers.append(servers[key])
+        return servers[key]
+
+    try:
+        yield factory
+    finally:
+        for server in servers.values():
+            server.stop()
+            _running_servers.remove(server)
+
+
+@pytest.fixture(scope="session")
+def fastsam3d_server(monailabel_server) -> str:
+    """Base URL of the FastSAM3D app served on the sample studies with the default conf."""
+    return monailabel_server().url
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in _running_servers:
+            tail = "\n".join(server.log().splitlines()[-LOG_TAIL_LINES:])
+            report.sections.append((f"monailabel server log ({server.url}, last {LOG_TAIL_LINES} lines)", tail))
