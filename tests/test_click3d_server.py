@@ -256,3 +256,13 @@ def test_missing_checkpoint_is_reported_at_start_and_on_infer(monailabel_server,
     assert "UNAVAILABLE" in info["models"]["fastsam3d"]["description"]
     response = slicer_infer(server.url, "fastsam3d", "phantom_ras", [PHANTOM_CLICK])
     assert response.status_code == 503 and "FastSAM3D.pth" in response.json()["detail"]
+
+
+def test_wrong_checkpoint_is_refused_with_its_mismatches(monailabel_server, click_studies, checkpoints):
+    """SAM-Med3D's file given as FastSAM3D: the server starts, says why, and refuses clicks."""
+    server = monailabel_server(conf={"models": "fastsam3d", "fastsam3d_checkpoint": checkpoints["sam_med3d"]},
+                               studies=click_studies)
+    response = slicer_infer(server.url, "fastsam3d", "phantom_ras", [PHANTOM_CLICK])
+    assert response.status_code == 503
+    assert "is not a FastSAM3D checkpoint" in response.json()["detail"] and "unexpected keys" in response.json()["detail"]
+    assert "is not a FastSAM3D checkpoint" in server.log()

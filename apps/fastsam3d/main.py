@@ -26,7 +26,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import samlabel
-from samlabel.checkpoint import find_checkpoint
+from samlabel.checkpoint import CheckpointError, find_checkpoint
 from samlabel.engine import ClickSegmenter3D, ImageCache
 from samlabel.registry import MODELS, get_spec
 from samlabel.tasks.click3d import ClickSegmentation3D
@@ -67,6 +67,8 @@ class FastSAM3DApp(MONAILabelApp):
             spec = get_spec(name)
             segmenter = ClickSegmenter3D(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
             infers[name] = ClickSegmentation3D(segmenter, self.missing.get(name, ""))
+            if name not in self.missing:  # load the weights now, not on the first click
+                threading.Thread(target=preload, args=(segmenter,), daemon=True).start()
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")
         threading.Thread(target=warm_up_writer, daemon=True).start()
         return infers
@@ -87,3 +89,10 @@ def warm_up_writer():
     with tempfile.TemporaryDirectory() as folder:
         for extension in (".nrrd", ".nii.gz"):
             write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(folder, "warm-up" + extension), np.eye(4), "uint8", False)
+
+
+def preload(segmenter: ClickSegmenter3D):
+    try:
+        segmenter.predictor()
+    except CheckpointError as error:  # infer calls answer 503 with the same message
+        logger.error(f"{segmenter.spec.title}: {error}")

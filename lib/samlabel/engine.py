@@ -196,7 +196,7 @@ class ClickSegmenter3D:
             logits, iou = predictor.predict(points, labels, mask_prompt)
 
         values, block = logits_to_image(logits, window, image.array.shape, image.affine, positive_only=True)
-        mask = np.zeros(image.array.shape, dtype=np.uint8)
+        mask = np.zeros(image.array.shape, dtype=np.uint8, order="F")  # file order of NRRD/NIfTI data
         if values.size:
             mask[block] = values > 0
         self.interactions.put(interaction_key, Interaction(window, clicks, logits))
