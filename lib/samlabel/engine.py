@@ -126,6 +126,7 @@ class Interaction:
 @dataclass
 class ClickResult:
     mask: np.ndarray  # uint8 on the image's own grid
+    affine: np.ndarray  # the image's: voxel index -> RAS mm
     window: Window
     info: Dict = field(default_factory=dict)
 
@@ -211,7 +212,7 @@ class ClickSegmenter3D:
             "predicted_iou": float(iou.reshape(-1)[0]),
             "voxels": int(mask.sum()),
         }
-        return ClickResult(mask, window, info)
+        return ClickResult(mask, image.affine, window, info)
 
 
 def validate_clicks(foreground, background, shape) -> List[Tuple[Tuple[int, int, int], int]]:

@@ -66,7 +66,7 @@ class ClickSegmentation3D(BasicInferTask):
             raise HTTPException(status_code=503, detail=str(error)) from None
         logger.info(f"{self.segmenter.spec.name}: {result.info}")
         data["pred"] = result.mask
-        data["pred_meta_dict"] = {"affine": self.segmenter.images.get(data["image_path"]).affine}
+        data["pred_meta_dict"] = {"affine": result.affine}
         data["result"] = result.info
         return data
 
