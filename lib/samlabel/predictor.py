@@ -4,11 +4,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .modeling import Sam3D
+from .modeling import Sam
 
 
 class SamPredictor3D:
-    def __init__(self, model: Sam3D) -> None:
+    def __init__(self, model: Sam) -> None:
         self.model = model
         self.image_embedding: Optional[torch.Tensor] = None
 

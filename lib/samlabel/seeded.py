@@ -62,3 +62,12 @@ def training_checkpoint(state_dict: dict) -> dict:
         "args": argparse.Namespace(model_type="vit_b_ori", checkpoint="./work_dir/SAM/sam_med3d_oringin.pth", lr=8e-4),
         "used_datas": ["./data/train/ct_AMOS"],
     }
+
+
+def seeded_image(seed: int, size: int = 256) -> torch.Tensor:
+    """A (1, 3, size, size) float32 image, all channels equal: smooth blobs plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((1, 1, 16, 16), generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    noise = 0.1 * torch.randn((1, 1, size, size), generator=generator)
+    return (smooth + noise).float().repeat(1, 3, 1, 1)

@@ -15,8 +15,8 @@ class MLPBlock(nn.Module):
         return self.lin2(self.act(self.lin1(x)))
 
 
-class LayerNorm3d(nn.Module):
-    """LayerNorm over the channel axis (dim 1) of a (B, C, D, H, W) tensor."""
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis (dim 1) of a (B, C, *spatial) tensor: SAM's LayerNorm2d/3d."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -28,4 +28,5 @@ class LayerNorm3d(nn.Module):
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        return self.weight.reshape(shape) * x + self.bias.reshape(shape)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import FactoredBias, Padding, attention, gather_rel_pos
-from .common import LayerNorm3d, MLPBlock
+from .common import ChannelLayerNorm, MLPBlock
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -175,9 +175,9 @@ class ImageEncoderViT3D(nn.Module):
         )
         self.neck = nn.Sequential(
             nn.Conv3d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm3d(out_chans),
+            ChannelLayerNorm(out_chans),
             nn.Conv3d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm3d(out_chans),
+            ChannelLayerNorm(out_chans),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
