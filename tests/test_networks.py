@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from samlabel import attention as attention_module
-from samlabel.modeling import build_fastsam3d, build_sam_med3d_turbo
+from samlabel.modeling import build_fastsam3d, build_medsam, build_sam_med2d, build_sam_med3d_turbo
 from samlabel.predictor import SamPredictor3D
 from samlabel.seeded import seeded_state_dict, seeded_volume
 
 DATA = Path(__file__).parent / "data"
-BUILDERS = {"sam_med3d_turbo": build_sam_med3d_turbo, "fastsam3d": build_fastsam3d}
+BUILDERS = {"sam_med3d_turbo": build_sam_med3d_turbo, "fastsam3d": build_fastsam3d,
+            "sam_vit_b": build_medsam, "sam_med2d_b": build_sam_med2d}  # sam_vit_b: the MedSAM layout
 TOLERANCE = 1e-4
 
 

@@ -30,3 +30,32 @@ class ChannelLayerNorm(nn.Module):
         x = (x - mean) / torch.sqrt(var + self.eps)
         shape = (-1,) + (1,) * (x.ndim - 2)
         return self.weight.reshape(shape) * x + self.bias.reshape(shape)
+
+
+def _conv(spatial_dims: int):
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def mask_downscaling(spatial_dims: int, mask_in_chans: int, embed_dim: int) -> nn.Sequential:
+    """The prompt encoder's mask path: two stride-2 convs (x4 smaller), then to the embedding width."""
+    conv = _conv(spatial_dims)
+    return nn.Sequential(
+        conv(1, mask_in_chans // 4, kernel_size=2, stride=2),
+        ChannelLayerNorm(mask_in_chans // 4),
+        nn.GELU(),
+        conv(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+        ChannelLayerNorm(mask_in_chans),
+        nn.GELU(),
+        conv(mask_in_chans, embed_dim, kernel_size=1),
+    )
+
+
+def neck(spatial_dims: int, embed_dim: int, out_chans: int) -> nn.Sequential:
+    """The image encoder's neck: 1x1 conv to the prompt width, 3x3 conv, channel LayerNorms."""
+    conv = _conv(spatial_dims)
+    return nn.Sequential(
+        conv(embed_dim, out_chans, kernel_size=1, bias=False),
+        ChannelLayerNorm(out_chans),
+        conv(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        ChannelLayerNorm(out_chans),
+    )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import FactoredBias, attention, gather_rel_pos
-from .common import ChannelLayerNorm, MLPBlock
+from .common import MLPBlock, neck
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -107,12 +107,7 @@ class ImageEncoderViT(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, 0 if i in global_attn_indexes else window_size, grid, adapter)
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            ChannelLayerNorm(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            ChannelLayerNorm(out_chans),
-        )
+        self.neck = neck(2, embed_dim, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1) + self.pos_embed

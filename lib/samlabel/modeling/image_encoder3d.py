@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import FactoredBias, Padding, attention, gather_rel_pos
-from .common import ChannelLayerNorm, MLPBlock
+from .common import MLPBlock, neck
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -173,12 +173,7 @@ class ImageEncoderViT3D(nn.Module):
                     norm2_replaces_residual=norm2_replaces_residual, sparse=sparse_attention)
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv3d(embed_dim, out_chans, kernel_size=1, bias=False),
-            ChannelLayerNorm(out_chans),
-            nn.Conv3d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            ChannelLayerNorm(out_chans),
-        )
+        self.neck = neck(3, embed_dim, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .common import ChannelLayerNorm
+from .common import mask_downscaling
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -42,15 +42,7 @@ class PromptEncoder(nn.Module):
         # negative point, positive point, box top-left, box bottom-right
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans // 4),
-            nn.GELU(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans),
-            nn.GELU(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        self.mask_downscaling = mask_downscaling(2, mask_in_chans, embed_dim)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .common import ChannelLayerNorm
+from .common import mask_downscaling
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -49,15 +49,7 @@ class PromptEncoder3D(nn.Module):
         self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))  # negative, positive
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans // 4),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            ChannelLayerNorm(mask_in_chans),
-            nn.GELU(),
-            nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        self.mask_downscaling = mask_downscaling(3, mask_in_chans, embed_dim)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
