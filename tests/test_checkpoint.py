@@ -105,7 +105,8 @@ def test_checkpoint_lookup_official_name_or_conf(tmp_path):
     spec = get_spec("sam_med3d")
     assert find_checkpoint(spec, tmp_path) == tmp_path / "sam_med3d_turbo.pth"
     assert find_checkpoint(spec, tmp_path, {"sam_med3d_checkpoint": "/data/turbo.pth"}) == Path("/data/turbo.pth")
-    assert [s.checkpoint_file for s in MODELS.values()] == ["FastSAM3D.pth", "sam_med3d_turbo.pth"]
+    assert [s.checkpoint_file for s in MODELS.values()] == ["FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth",
+                                                            "sam-med2d_b.pth"]
 
 
 def check_command(*args):
@@ -124,11 +125,15 @@ def test_check_command_identifies_official_files(official_files):
     assert "args (Namespace)" in check_command(official_files["fastsam3d", "training"][0]).stdout
 
 
-def test_check_command_rejects_wrong_model(official_files):
+def test_check_command_rejects_wrong_model(official_files, tmp_path):
     result = check_command(official_files["medsam", "bare"][0], "--model", "fastsam3d")
     assert result.returncode == 1
     assert "model:  not FastSAM3D" in result.stdout and "shape mismatches" in result.stdout
-    result = check_command(official_files["medsam", "bare"][0])
-    assert result.returncode == 1 and "none of fastsam3d, sam_med3d" in result.stdout
+    result = check_command(official_files["medsam", "bare"][0])  # any model: it is MedSAM's layout
+    assert result.returncode == 0 and "(medsam): every key and shape matches" in result.stdout
+    unknown = tmp_path / "unknown.pth"
+    torch.save({"encoder.layer.0.weight": torch.zeros(3, 3)}, unknown)
+    result = check_command(unknown)
+    assert result.returncode == 1 and "none of fastsam3d, sam_med3d, medsam, sam_med2d" in result.stdout
     result = check_command(official_files["fastsam3d", "training"][0], "--model", "sam_med3d")
     assert result.returncode == 1 and "not SAM-Med3D-turbo" in result.stdout

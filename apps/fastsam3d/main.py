@@ -1,4 +1,4 @@
-"""MONAI Label app serving medical Segment-Anything models (FastSAM3D, SAM-Med3D-turbo).
+"""MONAI Label app serving medical Segment-Anything models (FastSAM3D, SAM-Med3D-turbo, MedSAM, SAM-Med2D).
 
 Start it with::
 
@@ -29,7 +29,8 @@ import samlabel
 from samlabel.checkpoint import CheckpointError, find_checkpoint
 from samlabel.engine import ClickSegmenter3D, ImageCache
 from samlabel.registry import MODELS, get_spec
-from samlabel.tasks.click3d import ClickSegmentation3D
+from samlabel.slices import SliceSegmenter
+from samlabel.tasks.clicks import ClickSegmentation
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class FastSAM3DApp(MONAILabelApp):
             if name in self.missing and not self.explicit:
                 continue  # by default only models whose checkpoint is present; the log and /info/ say what is missing
             spec = get_spec(name)
-            segmenter = ClickSegmenter3D(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
-            infers[name] = ClickSegmentation3D(segmenter, self.missing.get(name, ""))
+            engine = ClickSegmenter3D if spec.dimension == 3 else SliceSegmenter
+            segmenter = engine(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
+            infers[name] = ClickSegmentation(segmenter, self.missing.get(name, ""))
             if name not in self.missing:  # load the weights now, not on the first click
                 threading.Thread(target=preload, args=(segmenter,), daemon=True).start()
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")
@@ -91,8 +93,8 @@ def warm_up_writer():
             write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(folder, "warm-up" + extension), np.eye(4), "uint8", False)
 
 
-def preload(segmenter: ClickSegmenter3D):
+def preload(segmenter):
     try:
-        segmenter.predictor()
+        segmenter.predictor() if isinstance(segmenter, ClickSegmenter3D) else segmenter.model()
     except CheckpointError as error:  # infer calls answer 503 with the same message
         logger.error(f"{segmenter.spec.title}: {error}")

@@ -127,7 +127,7 @@ class Interaction:
 class ClickResult:
     mask: np.ndarray  # uint8 on the image's own grid
     affine: np.ndarray  # the image's: voxel index -> RAS mm
-    window: Window
+    window: Optional[Window]  # the 3D model's window (None for slice models)
     info: Dict = field(default_factory=dict)
 
 
@@ -215,7 +215,7 @@ class ClickSegmenter3D:
         return ClickResult(mask, image.affine, window, info)
 
 
-def validate_clicks(foreground, background, shape) -> List[Tuple[Tuple[int, int, int], int]]:
+def validate_clicks(foreground, background, shape, need_positive: bool = True) -> List[Tuple[Tuple[int, int, int], int]]:
     """Integer voxel indices inside the image, positives first as the clients send them."""
     clicks = []
     for points, label in ((foreground or [], 1), (background or [], 0)):
@@ -229,6 +229,6 @@ def validate_clicks(foreground, background, shape) -> List[Tuple[Tuple[int, int,
             if not all(0 <= c < n for c, n in zip(index, shape)):
                 raise InputError(f"click {list(index)} lies outside the image of size {list(shape)}")
             clicks.append((index, label))
-    if not any(label == 1 for _, label in clicks):
+    if need_positive and not any(label == 1 for _, label in clicks):
         raise InputError("at least one foreground (positive) click is needed")
     return clicks

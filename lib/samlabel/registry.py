@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from torch import nn
 
-from .modeling import build_fastsam3d, build_sam_med3d_turbo
+from .modeling import build_fastsam3d, build_medsam, build_sam_med2d, build_sam_med3d_turbo
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec(name="sam_med3d", title="SAM-Med3D-turbo", builder=build_sam_med3d_turbo,
                   checkpoint_file="sam_med3d_turbo.pth",
                   source="https://huggingface.co/blueyo0/SAM-Med3D (sam_med3d_turbo.pth)", **SAM_MED3D_INPUT),
+        ModelSpec(name="medsam", title="MedSAM", builder=build_medsam, dimension=2, input_size=(1024, 1024),
+                  spacing_mm=None, orientation="stored slice", checkpoint_file="medsam_vit_b.pth", checkpoint_key=None,
+                  intensity="CT window 40/400 or MR 0.5-99.5 percentiles to 0-255, bicubic to 1024^2, min-max to [0, 1]",
+                  source="https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN (medsam_vit_b.pth)"),
+        ModelSpec(name="sam_med2d", title="SAM-Med2D", builder=build_sam_med2d, dimension=2, input_size=(256, 256),
+                  spacing_mm=None, orientation="stored slice", checkpoint_file="sam-med2d_b.pth", checkpoint_key="model",
+                  intensity="0-255 as MedSAM, SAM pixel mean/std, nearest resize to 256^2",
+                  source="https://github.com/OpenGVLab/SAM-Med2D (sam-med2d_b.pth)"),
     )
 }
 

@@ -1,8 +1,10 @@
-"""MONAI Label infer task for the 3D click models (type deepgrow, dimension 3).
+"""MONAI Label infer task for the click models (type deepgrow; dimension 3, or 2 for slice models).
 
 Requests as the stock plugins send them: `foreground` / `background` voxel indices of the
 image as stored, plus (Slicer) `label`, `client_id`, `reset_state`, `result_extension`,
-`result_dtype`. The mask comes back on the image's own grid with its geometry.
+`result_dtype`, and for 2D models `slice` (the k of the clicks) and `roi`. OHIF sends no
+`slice`: its clicks are already filtered to one slice. The mask comes back on the image's own
+grid with its geometry (2D models: on that slice only).
 
 Results asked for as .nrrd are written here, not by MONAI Label's ITK writer: gzip level 1
 unless the client asks for no compression (OHIF sends result_compress=false and needs raw).
@@ -24,20 +26,24 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import file_ext, strtobool
 
 from ..checkpoint import CheckpointError
-from ..engine import ClickSegmenter3D, InputError
+from ..engine import InputError
 from ..nrrd_io import write_nrrd
 
 logger = logging.getLogger(__name__)
 LABELS = ["segment"]  # OHIF offers a segment only for declared labels; Slicer sends its own segment name
 
 
-class ClickSegmentation3D(BasicInferTask):
-    def __init__(self, segmenter: ClickSegmenter3D, missing_checkpoint_hint: str = ""):
+class ClickSegmentation(BasicInferTask):
+    def __init__(self, segmenter, missing_checkpoint_hint: str = ""):
         spec = segmenter.spec
-        description = f"{spec.title}: 3D segmentation from positive/negative clicks ({spec.input_size[0]}^3 window, {spec.spacing_mm} mm)"
+        if spec.dimension == 3:
+            description = f"{spec.title}: 3D segmentation from positive/negative clicks ({spec.input_size[0]}^3 window, {spec.spacing_mm} mm)"
+        else:
+            prompts = "a box (ROI) or clicks" if spec.name == "medsam" else "positive/negative clicks"
+            description = f"{spec.title}: segmentation of the clicked slice from {prompts}"
         if missing_checkpoint_hint:
             description += f". UNAVAILABLE: {missing_checkpoint_hint}"
-        super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=3,
+        super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=spec.dimension,
                          description=description, config={"reset_state": False})
         self.segmenter = segmenter
         self.missing_checkpoint_hint = missing_checkpoint_hint
@@ -57,9 +63,13 @@ class ClickSegmentation3D(BasicInferTask):
         if not data.get("image_path") or not os.path.exists(data["image_path"]):
             raise HTTPException(status_code=404, detail="image not found in the datastore or session")
         key = (data.get("client_id"), data.get("image_path"), data.get("label"))
+        extra = {}
+        if self.segmenter.spec.dimension == 2:
+            slice_index = data.get("slice")
+            extra = {"slice_index": None if slice_index in (None, "") else int(slice_index), "roi": data.get("roi")}
         try:
             result = self.segmenter.segment(data["image_path"], data.get("foreground"), data.get("background"), key,
-                                            reset=strtobool(str(data.get("reset_state", False))))
+                                            reset=strtobool(str(data.get("reset_state", False))), **extra)
         except InputError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         except CheckpointError as error:

@@ -1,0 +1,185 @@
+"""The 2D models driven slice by slice: MedSAM (box prompts) and SAM-Med2D (point prompts).
+
+A slice is the stored array's third axis at index k, as both front ends assume; in the model
+frame x is the first array axis (i, the column) and y the second (j, the row), so the slice
+image is array[:, :, k].T. Each model gets its own official preprocessing; the mask comes back
+on slice k of a volume with the image's own grid.
+"""
+
+import threading
+from dataclasses import dataclass
+from typing import Dict, Hashable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model
+from .engine import ClickResult, ImageCache, InputError, LRUCache, StoredImage, validate_clicks
+from .registry import ModelSpec
+
+SAM_PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53])
+SAM_PIXEL_STD = torch.tensor([58.395, 57.12, 57.375])
+BOX_MARGIN_PIXELS = 10  # in the 1024 frame: about MedSAM's training box jitter (0-20 px)
+
+
+def intensity_window(image: StoredImage) -> Tuple[float, float]:
+    """MedSAM's mapping to 0-255: CT (any value <= -500) window level 40 / width 400; other
+    modalities the 0.5-99.5 percentiles of the non-zero voxels."""
+    array = image.array
+    if array.min() <= -500:
+        return -160.0, 240.0
+    nonzero = array[array != 0]
+    if nonzero.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(nonzero, [0.5, 99.5])
+    return float(low), float(max(high, low + 1e-6))
+
+
+def to_uint8_range(slice_2d: np.ndarray, window: Tuple[float, float], keep_zero: bool) -> torch.Tensor:
+    low, high = window
+    scaled = (np.clip(slice_2d.astype(np.float32), low, high) - low) / (high - low) * 255.0
+    if keep_zero:  # MR: background stays 0
+        scaled[slice_2d == 0] = 0
+    return torch.from_numpy(scaled)
+
+
+def preprocess_medsam(slice_255: torch.Tensor) -> torch.Tensor:
+    """3 channels, bicubic resize to 1024^2 (official: skimage order-3 with anti-aliasing), uint8,
+    then min-max to [0, 1]."""
+    resized = F.interpolate(slice_255[None, None], size=(1024, 1024), mode="bicubic", antialias=True, align_corners=False)
+    resized = resized.clamp(0, 255).round()
+    resized = (resized - resized.min()) / (resized.max() - resized.min()).clamp(min=1e-8)
+    return resized.expand(1, 3, -1, -1).contiguous()
+
+
+def preprocess_sam_med2d(slice_255: torch.Tensor) -> torch.Tensor:
+    """SAM's per-channel mean/std on the 0-255 image, then a nearest resize to 256^2."""
+    normalised = (slice_255[None] - SAM_PIXEL_MEAN[:, None, None]) / SAM_PIXEL_STD[:, None, None]
+    return F.interpolate(normalised[None], size=(256, 256), mode="nearest")
+
+
+PREPROCESS = {"medsam": preprocess_medsam, "sam_med2d": preprocess_sam_med2d}
+
+
+def box_from_clicks(positives: np.ndarray, negatives: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """MedSAM's box when the user gives clicks, in the model frame: the positive clicks' bounding
+    box grown by max(10 px, 10 % of its size) per side; each negative click inside the box pulls
+    the nearest side in past it (negatives exclude)."""
+    low, high = positives.min(0) * scale, positives.max(0) * scale
+    margin = np.maximum(BOX_MARGIN_PIXELS, 0.1 * (high - low))
+    low, high = low - margin, high + margin
+    for negative in negatives * scale:
+        if np.all((negative > low) & (negative < high)):
+            gaps = np.concatenate([negative - low, high - negative])  # distance to left, top, right, bottom
+            side = int(np.argmin(gaps))
+            if side < 2:
+                low[side] = negative[side] + 1
+            else:
+                high[side - 2] = negative[side - 2] - 1
+    return np.concatenate([low, high])
+
+
+@dataclass
+class SliceState:
+    slice_index: int
+    low_res_logits: torch.Tensor
+
+
+class SliceSegmenter:
+    """One 2D model served to many users: lazy load, per-slice embedding cache, per-user state."""
+
+    def __init__(self, spec: ModelSpec, checkpoint, images: ImageCache, device: str = "cpu", embeddings: int = 64,
+                 interactions: int = 256):
+        self.spec, self.checkpoint, self.images, self.device = spec, checkpoint, images, device
+        self.embeddings = LRUCache(embeddings)
+        self.interactions = LRUCache(interactions)
+        self.windows: Dict[Hashable, Tuple[float, float]] = {}
+        self.encoder_runs = 0
+        self._model = None
+        self._lock = threading.Lock()
+
+    def model(self):
+        with self._lock:
+            if self._model is None:
+                self._model = load_model(self.spec, self.checkpoint, self.device)
+            return self._model
+
+    def segment(self, image_path: str, foreground: Sequence, background: Sequence, interaction_key: Hashable,
+                slice_index: Optional[int] = None, roi: Optional[Sequence] = None, reset: bool = False):
+        image = self.images.get(image_path)
+        clicks = validate_clicks(foreground, background, image.array.shape, need_positive=roi is None)
+        slices = {point[2] for point, _ in clicks}
+        if slice_index is None:
+            if len(slices) != 1:
+                raise InputError("a 2D model needs the clicks on one slice, or a `slice`; got clicks on slices "
+                                 f"{sorted(slices) or 'none'}")
+            slice_index = slices.pop()
+        if not 0 <= int(slice_index) < image.array.shape[2]:
+            raise InputError(f"slice {slice_index} is outside the image's {image.array.shape[2]} slices")
+        slice_index = int(slice_index)
+        if slices - {slice_index}:
+            raise InputError(f"clicks on slices {sorted(slices)} do not all lie on slice {slice_index}")
+
+        columns, rows = image.array.shape[:2]
+        size = self.spec.input_size[0]
+        scale = np.array([size / columns, size / rows])  # (x, y) pixel -> model frame
+        positives = np.array([p[:2] for p, label in clicks if label == 1], dtype=np.float64).reshape(-1, 2)
+        negatives = np.array([p[:2] for p, label in clicks if label == 0], dtype=np.float64).reshape(-1, 2)
+
+        model = self.model()
+        with self._lock:
+            runs = self.encoder_runs
+            embedding = self._embedding(model, image, slice_index)
+            reused = self.encoder_runs == runs
+            previous = None if reset else self.interactions.get(interaction_key)
+            if previous is not None and previous.slice_index != slice_index:
+                previous = None
+            if self.spec.name == "medsam":
+                box = self._box(roi, positives, negatives, scale, image.array.shape)
+                sparse, dense = model.prompt_encoder(None, torch.from_numpy(box).float()[None], None)
+                logits, _ = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
+            else:  # SAM-Med2D: points, previous mask fed back as probabilities, best of 3 masks
+                points = np.concatenate([positives, negatives]) * scale
+                labels = [1] * len(positives) + [0] * len(negatives)
+                mask_input = torch.sigmoid(previous.low_res_logits) if previous is not None else None
+                sparse, dense = model.prompt_encoder((torch.from_numpy(points).float()[None], torch.tensor([labels])),
+                                                     None, mask_input)
+                all_logits, iou = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+                logits = all_logits[:, int(iou.argmax())][:, None]
+        self.interactions.put(interaction_key, SliceState(slice_index, logits))
+
+        # Official output: sigmoid of the low-res logits, bilinear to the slice's own pixels, > 0.5.
+        probabilities = F.interpolate(torch.sigmoid(logits), size=(rows, columns), mode="bilinear", align_corners=False)
+        mask = np.zeros(image.array.shape, dtype=np.uint8, order="F")
+        mask[:, :, slice_index] = (probabilities[0, 0] > 0.5).numpy().T
+        return ClickResult(mask, image.affine, None, {"model": self.spec.name, "slice": slice_index,
+                                                     "embedding_reused": reused, "voxels": int(mask.sum())})
+
+    def _embedding(self, model, image: StoredImage, slice_index: int) -> torch.Tensor:
+        key = (image.key, slice_index)
+        embedding = self.embeddings.get(key)
+        if embedding is None:
+            if image.key not in self.windows:
+                self.windows[image.key] = intensity_window(image)
+            low, high = self.windows[image.key]
+            slice_255 = to_uint8_range(image.array[:, :, slice_index].T, (low, high), keep_zero=(low, high) != (-160.0, 240.0))
+            with torch.inference_mode():
+                embedding = model.image_encoder(PREPROCESS[self.spec.name](slice_255).to(self.device))
+            self.encoder_runs += 1
+            self.embeddings.put(key, embedding)
+        return embedding
+
+    @staticmethod
+    def _box(roi, positives, negatives, scale, shape) -> np.ndarray:
+        """The box in the model frame: from Slicer's ROI [i_a, i_b, j_a, j_b, k_a, k_b] (any
+        order), else from the clicks."""
+        if roi:
+            i_a, i_b, j_a, j_b = (float(v) for v in list(roi)[:4])
+            low, high = np.array([min(i_a, i_b), min(j_a, j_b)]), np.array([max(i_a, i_b), max(j_a, j_b)])
+            if np.any(high - low < 1):
+                raise InputError(f"the box {list(roi)[:4]} is empty")
+            return np.concatenate([low * scale, high * scale])
+        if len(positives) == 0:
+            raise InputError("MedSAM needs a box (`roi`) or at least one positive click on the slice")
+        return box_from_clicks(positives, negatives, scale)

@@ -1,0 +1,167 @@
+"""The 2D slice adapter: each model's preprocessing against independently written expectations,
+prompt mapping on non-square slices, mask on the clicked slice only, at the right pixels."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from samlabel.engine import ImageCache, InputError, StoredImage
+from samlabel.registry import get_spec
+from samlabel.slices import (SliceSegmenter, box_from_clicks, intensity_window, preprocess_medsam, preprocess_sam_med2d,
+                             to_uint8_range)
+
+COLUMNS, ROWS, SLICES = 97, 61, 9  # non-square slices: i is the column (x), j the row (y)
+
+
+def stored(array):
+    return StoredImage(("memory", 0, 0), np.asarray(array), np.eye(4))
+
+
+def test_ct_window_is_level_40_width_400():
+    image = stored(np.array([[[-1000, -160, 40]], [[240, 1000, 0]]], dtype=np.int16))
+    assert intensity_window(image) == (-160.0, 240.0)
+    scaled = to_uint8_range(image.array[:, :, 0], (-160.0, 240.0), keep_zero=False)
+    assert scaled.tolist() == [[0.0], [255.0]]  # -1000 clipped to -160 -> 0; 240 -> 255
+    assert to_uint8_range(np.array([[40.0]]), (-160.0, 240.0), False).item() == pytest.approx(127.5)
+
+
+def test_mr_uses_percentiles_of_nonzero_voxels_and_keeps_zero():
+    values = np.concatenate([np.zeros(500), np.arange(1, 1001)]).reshape(10, 150, 1)
+    image = stored(values)
+    low, high = intensity_window(image)
+    nonzero = np.arange(1, 1001)
+    assert (low, high) == pytest.approx((np.percentile(nonzero, 0.5), np.percentile(nonzero, 99.5)))
+    scaled = to_uint8_range(values[:, :, 0], (low, high), keep_zero=True)
+    assert scaled[values[:, :, 0] == 0].max() == 0 and scaled.max() == 255
+
+
+def test_medsam_preprocessing_is_three_channels_in_unit_range():
+    slice_255 = torch.linspace(0, 255, 61 * 97).reshape(61, 97)
+    image = preprocess_medsam(slice_255)
+    assert image.shape == (1, 3, 1024, 1024)
+    assert image.min() == 0 and image.max() == 1 and torch.equal(image[:, 0], image[:, 2])
+    assert image[0, 0, 0, 0] < image[0, 0, -1, -1]  # no flips: top-left stays dark
+
+
+def test_sam_med2d_preprocessing_is_sam_normalisation_then_nearest_resize():
+    slice_255 = torch.zeros(61, 97)
+    slice_255[0, 0] = 255.0
+    image = preprocess_sam_med2d(slice_255)
+    assert image.shape == (1, 3, 256, 256)
+    background = (torch.tensor([0.0, 0.0, 0.0]) - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
+    assert torch.allclose(image[0, :, -1, -1], background)
+    bright = (255 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
+    assert torch.allclose(image[0, :, 0, 0], bright)  # nearest: the corner pixel is copied, not blurred
+
+
+def test_box_from_clicks_grows_by_the_margin_and_excludes_negatives():
+    positives = np.array([[20.0, 30.0], [40.0, 50.0]])
+    box = box_from_clicks(positives, np.zeros((0, 2)), np.array([2.0, 2.0]))
+    assert box.tolist() == [30.0, 50.0, 90.0, 110.0]  # (40..80, 60..100) grown by 10 px in the model frame
+    pulled = box_from_clicks(positives, np.array([[44.0, 40.0]]), np.array([2.0, 2.0]))
+    assert pulled[2] < 88 and pulled[:2].tolist() == [30.0, 50.0]  # the right side moved in past the negative
+
+
+class StubPromptEncoder(nn.Module):
+    def forward(self, points, boxes, masks):
+        return (points[0] if points is not None else boxes), None
+
+    def get_dense_pe(self):
+        return None
+
+
+class StubDecoder(nn.Module):
+    """Positive inside the box, or within 8 model pixels of the first positive point."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, embedding, pe, sparse, dense, multimask):
+        cells = self.size // 4
+        y, x = torch.meshgrid((torch.arange(cells) + 0.5) * 4, (torch.arange(cells) + 0.5) * 4, indexing="ij")
+        if sparse.shape[-1] == 4:
+            x0, y0, x1, y1 = sparse[0]
+            inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+        else:
+            px, py = sparse[0, 0]
+            inside = (x - px) ** 2 + (y - py) ** 2 <= 8.0 ** 2
+        logits = torch.where(inside, 10.0, -10.0)[None, None]
+        if multimask:  # the best (middle) mask is the real one
+            return torch.cat([-logits, logits, -logits], 1), torch.tensor([[0.1, 0.9, 0.2]])
+        return logits, torch.tensor([[0.9]])
+
+
+def stub_segmenter(name):
+    spec = get_spec(name)
+    engine = SliceSegmenter(spec, Path("unused.pth"), ImageCache())
+    model = nn.Module()
+    model.image_encoder = lambda image: torch.zeros(1)
+    model.prompt_encoder = StubPromptEncoder()
+    model.mask_decoder = StubDecoder(spec.input_size[0])
+    engine._model = model
+    return engine
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slices") / "volume.nii.gz"
+    affine = np.diag([-0.8, -0.8, 3.0, 1.0])
+    array = np.random.default_rng(0).integers(-200, 300, (COLUMNS, ROWS, SLICES)).astype(np.int16)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["sam_med2d", "medsam"])
+def test_mask_lands_on_the_clicked_slice_at_the_clicked_pixels(volume, name):
+    engine = stub_segmenter(name)
+    click = (70, 20, 4)
+    # MedSAM is driven by a box: two positive clicks span it (one click gives a box of ~2 pixels here)
+    clicks = [click] if name == "sam_med2d" else [(62, 14, 4), (78, 26, 4)]
+    result = engine.segment(volume, clicks, [], "user", slice_index=4)
+    assert result.mask.shape == (COLUMNS, ROWS, SLICES)
+    assert result.mask[:, :, :4].sum() == 0 and result.mask[:, :, 5:].sum() == 0
+    columns, rows = np.nonzero(result.mask[:, :, 4])
+    assert result.mask[click] == 1
+    assert abs(columns.mean() - click[0]) <= 1.0 and abs(rows.mean() - click[1]) <= 1.0  # centred on the click
+
+
+def test_ohif_clicks_without_slice_use_their_slice(volume):
+    engine = stub_segmenter("sam_med2d")
+    result = engine.segment(volume, [(30, 40, 7)], [(10, 10, 7)], "ohif")
+    assert result.info["slice"] == 7 and result.mask[30, 40, 7] == 1 and result.mask[:, :, :7].sum() == 0
+
+
+def test_medsam_box_from_slicer_roi(volume):
+    engine = stub_segmenter("medsam")
+    result = engine.segment(volume, [], [], "user", slice_index=2, roi=[60, 20, 10, 50, 2, 2])  # corners not sorted
+    columns, rows = np.nonzero(result.mask[:, :, 2])
+    assert columns.min() >= 19 and columns.max() <= 61 and rows.min() >= 9 and rows.max() <= 51
+    assert result.mask[40, 30, 2] == 1
+
+
+def test_second_click_on_a_slice_reuses_its_embedding(volume):
+    engine = stub_segmenter("sam_med2d")
+    engine.segment(volume, [(30, 40, 7)], [], "user")
+    again = engine.segment(volume, [(30, 40, 7), (35, 41, 7)], [], "user")
+    assert again.info["embedding_reused"] and engine.encoder_runs == 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(foreground=[(30, 40, 7), (30, 40, 6)], background=[]), "one slice"),
+    (dict(foreground=[], background=[]), "at least one foreground"),
+    (dict(foreground=[(30, 40, 7)], background=[], slice_index=3), "do not all lie on slice 3"),
+    (dict(foreground=[(30, 40, 7)], background=[], slice_index=99), "outside the image"),
+])
+def test_bad_slice_requests(volume, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        stub_segmenter("sam_med2d").segment(volume, interaction_key="user", **kwargs)
+
+
+def test_empty_box_is_refused(volume):
+    with pytest.raises(InputError, match="empty"):
+        stub_segmenter("medsam").segment(volume, [], [], "user", slice_index=2, roi=[20, 20, 10, 50, 2, 2])
