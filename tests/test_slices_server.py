@@ -1,0 +1,76 @@
+"""MedSAM and SAM-Med2D through a real `monailabel start_server`: seeded full-size checkpoints in
+the official formats (MedSAM a bare SAM state dict, SAM-Med2D under 'model'), Slicer requests with
+`slice` and OHIF requests without, the mask on the clicked slice only."""
+
+import json
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+import torch
+
+from samlabel.checkpoint import expected_shapes
+from samlabel.registry import get_spec
+from samlabel.seeded import seeded_state_dict
+from test_click3d_server import assert_same_geometry, click_studies, ohif_infer, parse_multipart, slicer_infer  # noqa: F401 - fixture
+
+SLICE = 5
+
+
+@pytest.fixture(scope="session")
+def slice_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints-2d")
+    paths = {}
+    for name, seed in (("medsam", 21), ("sam_med2d", 22)):
+        spec = get_spec(name)
+        state = seeded_state_dict(expected_shapes(spec), seed)
+        paths[name] = folder / spec.checkpoint_file
+        torch.save(state if spec.checkpoint_key is None else {spec.checkpoint_key: state}, paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def slice_server(monailabel_server, click_studies, slice_checkpoints):
+    conf = {"models": "medsam,sam_med2d", "medsam_checkpoint": slice_checkpoints["medsam"],
+            "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
+    return monailabel_server(conf=conf, studies=click_studies)
+
+
+def test_info_shows_2d_models_to_the_plugins(slice_server):
+    models = requests.get(f"{slice_server.url}/info/", timeout=30).json()["models"]
+    assert {name: (m["type"], m["dimension"]) for name, m in models.items()} == {
+        "medsam": ("deepgrow", 2), "sam_med2d": ("deepgrow", 2)}
+
+
+@pytest.mark.parametrize("model,extra", [("sam_med2d", {}), ("medsam", {"roi": [10, 40, 12, 30, SLICE, SLICE]})])
+def test_slicer_request_with_slice(slice_server, click_studies, tmp_path, model, extra):
+    clicks = [[30, 20, SLICE]]
+    response = slicer_infer(slice_server.url, model, "phantom_lps", clicks, slice=SLICE, **extra)
+    assert response.status_code == 200, response.text
+    params, path = parse_multipart(response, tmp_path)
+    result = sitk.ReadImage(str(path))
+    assert_same_geometry(result, sitk.ReadImage(str(click_studies / "phantom_lps.nii.gz")))
+    mask = sitk.GetArrayFromImage(result).transpose(2, 1, 0)
+    others = np.delete(mask, SLICE, axis=2)
+    assert params["slice"] == SLICE and others.sum() == 0 and params["voxels"] == mask[:, :, SLICE].sum()
+
+
+def test_ohif_request_without_slice(slice_server, tmp_path):
+    response = ohif_infer(slice_server.url, "sam_med2d", "phantom_ras", [[30, 20, SLICE]], [[10, 10, SLICE]])
+    assert response.status_code == 200, response.text
+    path = tmp_path / "ohif.nrrd"
+    path.write_bytes(response.content)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
+    assert mask.shape == (61, 53, 41)  # the phantom's own grid
+    assert np.delete(mask, SLICE, axis=2).sum() == 0
+
+
+@pytest.mark.parametrize("model,foreground,extra,message", [
+    ("sam_med2d", [[30, 20, SLICE], [30, 20, SLICE + 1]], {}, "one slice"),
+    ("sam_med2d", [[30, 20, SLICE]], {"slice": SLICE + 2}, "do not all lie on slice"),
+    ("medsam", [], {"slice": SLICE, "roi": [10, 10, 12, 30, SLICE, SLICE]}, "empty"),
+])
+def test_bad_2d_requests(slice_server, model, foreground, extra, message):
+    response = slicer_infer(slice_server.url, model, "phantom_ras", foreground, **extra)
+    assert response.status_code == 400 and message in response.json()["detail"], response.text
