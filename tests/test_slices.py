@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samlabel.engine import ImageCache, InputError, StoredImage
@@ -165,3 +166,46 @@ def test_bad_slice_requests(volume, kwargs, message):
 def test_empty_box_is_refused(volume):
     with pytest.raises(InputError, match="empty"):
         stub_segmenter("medsam").segment(volume, [], [], "user", slice_index=2, roi=[20, 20, 10, 50, 2, 2])
+
+
+class BrightRegionDouble(nn.Module):
+    """A test double for the whole network: the 'embedding' is the preprocessed slice pooled to the
+    low-res grid, and the decoder marks its bright region. It tests propagation, not the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_encoder = lambda image: F.avg_pool2d(image[:, :1], 4)
+        self.prompt_encoder = StubPromptEncoder()
+        self.mask_decoder = lambda embedding, pe, sparse, dense, multimask: (
+            torch.where(embedding > 0, 10.0, -10.0).repeat(1, 3 if multimask else 1, 1, 1), torch.tensor([[0.1, 0.9, 0.2]]))
+
+
+def ellipsoid_volume(path):
+    i, j, k = np.meshgrid(np.arange(64), np.arange(56), np.arange(40), indexing="ij")
+    truth = ((i - 32) / 20.0) ** 2 + ((j - 28) / 15.0) ** 2 + ((k - 20) / 10.0) ** 2 <= 1
+    other = ((i - 8) ** 2 + (j - 8) ** 2 + (k - 36) ** 2) <= 9  # a separate structure further along
+    nib.save(nib.Nifti1Image(np.where(truth | other, 200, 0).astype(np.int16), np.diag([0.9, 0.9, 2.0, 1.0])), str(path))
+    return truth
+
+
+def test_propagation_recovers_the_structure_from_one_slice(tmp_path):
+    from scipy import ndimage
+
+    truth = ellipsoid_volume(tmp_path / "ellipsoid.nii.gz")
+    engine = stub_segmenter("sam_med2d")
+    engine._model = BrightRegionDouble()
+    result = engine.propagate(str(tmp_path / "ellipsoid.nii.gz"), [(32, 28, 20)], [], "user")
+    mask = result.mask.astype(bool)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice >= 0.9, dice
+    assert ndimage.label(mask)[1] == 1  # one connected structure: the other blob is not reached
+    assert result.info["stopped"] == "structure ended" and result.info["slices"][0] >= 10 and result.info["slices"][1] <= 30
+
+
+def test_propagation_is_bounded_in_time(tmp_path):
+    ellipsoid_volume(tmp_path / "ellipsoid.nii.gz")
+    engine = stub_segmenter("medsam")
+    engine._model = BrightRegionDouble()
+    result = engine.propagate(str(tmp_path / "ellipsoid.nii.gz"), [(20, 20, 20), (44, 36, 20)], [], "user", seconds=0)
+    assert result.info["stopped"] == "time limit of 0 s"
+    assert result.mask[:, :, 20].any() and not np.delete(result.mask, 20, axis=2).any()

@@ -40,7 +40,7 @@ def slice_server(monailabel_server, click_studies, slice_checkpoints):
 def test_info_shows_2d_models_to_the_plugins(slice_server):
     models = requests.get(f"{slice_server.url}/info/", timeout=30).json()["models"]
     assert {name: (m["type"], m["dimension"]) for name, m in models.items()} == {
-        "medsam": ("deepgrow", 2), "sam_med2d": ("deepgrow", 2)}
+        "medsam": ("deepgrow", 2), "sam_med2d": ("deepgrow", 2), "medsam_3d": ("deepgrow", 3), "sam_med2d_3d": ("deepgrow", 3)}
 
 
 @pytest.mark.parametrize("model,extra", [("sam_med2d", {}), ("medsam", {"roi": [10, 40, 12, 30, SLICE, SLICE]})])
@@ -74,3 +74,12 @@ def test_ohif_request_without_slice(slice_server, tmp_path):
 def test_bad_2d_requests(slice_server, model, foreground, extra, message):
     response = slicer_infer(slice_server.url, model, "phantom_ras", foreground, **extra)
     assert response.status_code == 400 and message in response.json()["detail"], response.text
+
+
+def test_propagation_task_answers_a_3d_request(slice_server, click_studies, tmp_path):
+    """As Slicer asks a 3D model: all clicks of the segment, no slice; the last positive click's slice starts."""
+    response = slicer_infer(slice_server.url, "sam_med2d_3d", "phantom_ras", [[30, 20, 3], [30, 22, SLICE]], [[5, 5, SLICE]])
+    assert response.status_code == 200, response.text
+    params, path = parse_multipart(response, tmp_path)
+    assert params["slice"] == SLICE and "stopped" in params
+    assert_same_geometry(sitk.ReadImage(str(path)), sitk.ReadImage(str(click_studies / "phantom_ras.nii.gz")))

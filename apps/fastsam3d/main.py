@@ -69,6 +69,8 @@ class FastSAM3DApp(MONAILabelApp):
             engine = ClickSegmenter3D if spec.dimension == 3 else SliceSegmenter
             segmenter = engine(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
             infers[name] = ClickSegmentation(segmenter, self.missing.get(name, ""))
+            if spec.dimension == 2:  # the same model as a 3D task, propagating from the clicked slice
+                infers[f"{name}_3d"] = ClickSegmentation(segmenter, self.missing.get(name, ""), propagate=True)
             if name not in self.missing:  # load the weights now, not on the first click
                 threading.Thread(target=preload, args=(segmenter,), daemon=True).start()
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")

@@ -7,12 +7,14 @@ on slice k of a volume with the image's own grid.
 """
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, Hashable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .checkpoint import load_model
 from .engine import ClickResult, ImageCache, InputError, LRUCache, StoredImage, validate_clicks
@@ -33,6 +35,8 @@ def intensity_window(image: StoredImage) -> Tuple[float, float]:
     if nonzero.size == 0:
         return 0.0, 1.0
     low, high = np.percentile(nonzero, [0.5, 99.5])
+    if high - low < 1e-6:  # (nearly) constant non-zero values: the full range instead
+        low, high = min(0.0, float(array.min())), float(array.max())
     return float(low), float(max(high, low + 1e-6))
 
 
@@ -78,6 +82,13 @@ def box_from_clicks(positives: np.ndarray, negatives: np.ndarray, scale: np.ndar
             else:
                 high[side - 2] = negative[side - 2] - 1
     return np.concatenate([low, high])
+
+
+def slice_mask(logits: torch.Tensor, columns: int, rows: int) -> np.ndarray:
+    """The official output: sigmoid of the low-res logits, bilinear to the slice's own pixels,
+    > 0.5; returned in array order (columns, rows)."""
+    probabilities = F.interpolate(torch.sigmoid(logits), size=(rows, columns), mode="bilinear", align_corners=False)
+    return (probabilities[0, 0] > 0.5).numpy().T
 
 
 @dataclass
@@ -135,26 +146,70 @@ class SliceSegmenter:
             previous = None if reset else self.interactions.get(interaction_key)
             if previous is not None and previous.slice_index != slice_index:
                 previous = None
-            if self.spec.name == "medsam":
-                box = self._box(roi, positives, negatives, scale, image.array.shape)
-                sparse, dense = model.prompt_encoder(None, torch.from_numpy(box).float()[None], None)
-                logits, _ = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
-            else:  # SAM-Med2D: points, previous mask fed back as probabilities, best of 3 masks
-                points = np.concatenate([positives, negatives]) * scale
-                labels = [1] * len(positives) + [0] * len(negatives)
-                mask_input = torch.sigmoid(previous.low_res_logits) if previous is not None else None
-                sparse, dense = model.prompt_encoder((torch.from_numpy(points).float()[None], torch.tensor([labels])),
-                                                     None, mask_input)
-                all_logits, iou = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
-                logits = all_logits[:, int(iou.argmax())][:, None]
+            box = self._box(roi, positives, negatives, scale) if self.spec.name == "medsam" else None
+            previous_logits = previous.low_res_logits if previous is not None else None
+            logits = self._decode(model, embedding, positives * scale, negatives * scale, box, previous_logits)
         self.interactions.put(interaction_key, SliceState(slice_index, logits))
-
-        # Official output: sigmoid of the low-res logits, bilinear to the slice's own pixels, > 0.5.
-        probabilities = F.interpolate(torch.sigmoid(logits), size=(rows, columns), mode="bilinear", align_corners=False)
         mask = np.zeros(image.array.shape, dtype=np.uint8, order="F")
-        mask[:, :, slice_index] = (probabilities[0, 0] > 0.5).numpy().T
+        mask[:, :, slice_index] = slice_mask(logits, columns, rows)
         return ClickResult(mask, image.affine, None, {"model": self.spec.name, "slice": slice_index,
                                                      "embedding_reused": reused, "voxels": int(mask.sum())})
+
+    def propagate(self, image_path: str, foreground: Sequence, background: Sequence, interaction_key: Hashable,
+                  slice_index: Optional[int] = None, roi: Optional[Sequence] = None, reset: bool = False,
+                  seconds: float = 60.0) -> ClickResult:
+        """Segment the clicked slice, then walk outwards slice by slice, each prompted by its
+        neighbour's mask (MedSAM: its box; SAM-Med2D: its deepest pixel and its mask), until the
+        structure ends. A direction stops at the first slice whose mask is empty, overlaps less
+        than half of the neighbour's mask (it jumped to something else), or is under 5 % of the
+        clicked slice's area (the structure tapers out); everything stops after `seconds`."""
+        result = self.segment(image_path, foreground, background, interaction_key, slice_index, roi, reset)
+        image, start = self.images.get(image_path), result.info["slice"]
+        columns, rows, depth = image.array.shape
+        size = self.spec.input_size[0]
+        scale = np.array([size / columns, size / rows])
+        start_area = int(result.mask[:, :, start].sum())
+        deadline = time.monotonic() + seconds
+        stopped, covered = "structure ended", [start, start]
+        model = self.model()
+        for direction in (1, -1):
+            neighbour, neighbour_logits = result.mask[:, :, start].astype(bool), self.interactions.get(interaction_key).low_res_logits
+            k = start + direction
+            while start_area and 0 <= k < depth:
+                if time.monotonic() > deadline:
+                    stopped = f"time limit of {seconds:.0f} s"
+                    break
+                with self._lock:
+                    embedding = self._embedding(model, image, k)
+                    deepest = np.array([np.unravel_index(ndimage.distance_transform_edt(neighbour).argmax(), neighbour.shape)],
+                                       dtype=np.float64)
+                    columns_hit, rows_hit = np.nonzero(neighbour)
+                    corners = np.array([[columns_hit.min(), rows_hit.min()], [columns_hit.max(), rows_hit.max()]], dtype=np.float64)
+                    box = box_from_clicks(corners, np.zeros((0, 2)), scale) if self.spec.name == "medsam" else None
+                    logits = self._decode(model, embedding, deepest * scale, np.zeros((0, 2)), box, neighbour_logits)
+                current = slice_mask(logits, columns, rows)
+                area = int(current.sum())
+                if area == 0 or (current & neighbour).sum() < 0.5 * min(area, neighbour.sum()) or area < 0.05 * start_area:
+                    break
+                result.mask[:, :, k] = current
+                covered[direction > 0] = k
+                neighbour, neighbour_logits, k = current, logits, k + direction
+        result.info.update({"voxels": int(result.mask.sum()), "slices": [min(covered), max(covered)], "stopped": stopped})
+        return result
+
+    def _decode(self, model, embedding, positives, negatives, box, previous_logits) -> torch.Tensor:
+        """Low-res logits (1, 1, L, L) from prompts in the model frame."""
+        dense_pe = model.prompt_encoder.get_dense_pe()
+        if self.spec.name == "medsam":  # a box, no points, no mask (as trained)
+            sparse, dense = model.prompt_encoder(None, torch.from_numpy(box).float()[None], None)
+            return model.mask_decoder(embedding, dense_pe, sparse, dense, False)[0]
+        # SAM-Med2D: points, the previous mask fed back as probabilities, the best of 3 masks
+        points = torch.from_numpy(np.concatenate([positives, negatives])).float()[None]
+        labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)])
+        mask_input = torch.sigmoid(previous_logits) if previous_logits is not None else None
+        sparse, dense = model.prompt_encoder((points, labels), None, mask_input)
+        all_logits, iou = model.mask_decoder(embedding, dense_pe, sparse, dense, True)
+        return all_logits[:, int(iou.argmax())][:, None]
 
     def _embedding(self, model, image: StoredImage, slice_index: int) -> torch.Tensor:
         key = (image.key, slice_index)
@@ -171,7 +226,7 @@ class SliceSegmenter:
         return embedding
 
     @staticmethod
-    def _box(roi, positives, negatives, scale, shape) -> np.ndarray:
+    def _box(roi, positives, negatives, scale) -> np.ndarray:
         """The box in the model frame: from Slicer's ROI [i_a, i_b, j_a, j_b, k_a, k_b] (any
         order), else from the clicks."""
         if roi:

@@ -34,16 +34,21 @@ LABELS = ["segment"]  # OHIF offers a segment only for declared labels; Slicer s
 
 
 class ClickSegmentation(BasicInferTask):
-    def __init__(self, segmenter, missing_checkpoint_hint: str = ""):
+    def __init__(self, segmenter, missing_checkpoint_hint: str = "", propagate: bool = False):
+        """propagate: a 2D model as a 3D task: the clicked slice, then its neighbours (SliceSegmenter.propagate)."""
         spec = segmenter.spec
-        if spec.dimension == 3:
+        self.propagate = propagate
+        if propagate:
+            description = (f"{spec.title} in 3D: segments the slice of the last positive click, then propagates "
+                           "slice by slice until the structure ends")
+        elif spec.dimension == 3:
             description = f"{spec.title}: 3D segmentation from positive/negative clicks ({spec.input_size[0]}^3 window, {spec.spacing_mm} mm)"
         else:
             prompts = "a box (ROI) or clicks" if spec.name == "medsam" else "positive/negative clicks"
             description = f"{spec.title}: segmentation of the clicked slice from {prompts}"
         if missing_checkpoint_hint:
             description += f". UNAVAILABLE: {missing_checkpoint_hint}"
-        super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=spec.dimension,
+        super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=3 if propagate else spec.dimension,
                          description=description, config={"reset_state": False})
         self.segmenter = segmenter
         self.missing_checkpoint_hint = missing_checkpoint_hint
@@ -63,13 +68,17 @@ class ClickSegmentation(BasicInferTask):
         if not data.get("image_path") or not os.path.exists(data["image_path"]):
             raise HTTPException(status_code=404, detail="image not found in the datastore or session")
         key = (data.get("client_id"), data.get("image_path"), data.get("label"))
-        extra = {}
+        foreground, background, extra = data.get("foreground") or [], data.get("background") or [], {}
         if self.segmenter.spec.dimension == 2:
             slice_index = data.get("slice")
             extra = {"slice_index": None if slice_index in (None, "") else int(slice_index), "roi": data.get("roi")}
+            if self.propagate and extra["slice_index"] is None and foreground:  # a 3D task: all clicks of the segment
+                start = foreground[-1][2]
+                foreground, background = ([p for p in points if p[2] == start] for points in (foreground, background))
+        segment = self.segmenter.propagate if self.propagate else self.segmenter.segment
         try:
-            result = self.segmenter.segment(data["image_path"], data.get("foreground"), data.get("background"), key,
-                                            reset=strtobool(str(data.get("reset_state", False))), **extra)
+            result = segment(data["image_path"], foreground, background, key,
+                             reset=strtobool(str(data.get("reset_state", False))), **extra)
         except InputError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         except CheckpointError as error:
