@@ -69,9 +69,9 @@ def start_server(studies: Path, conf: dict, work: Path):
     raise RuntimeError((work / "server.log").read_text())
 
 
-def click(url, model, image, foreground, background, client):
+def click(url, model, image, foreground, background, client, **extra):
     params = {"label": "organ", "foreground": foreground, "background": background, "client_id": client,
-              "result_extension": ".nrrd", "result_dtype": "uint8"}
+              "result_extension": ".nrrd", "result_dtype": "uint8", **extra}
     start = time.perf_counter()
     response = requests.post(f"{url}/infer/{model}", params={"image": image}, files={"params": (None, json.dumps(params))},
                              timeout=600)

@@ -106,7 +106,7 @@ def test_checkpoint_lookup_official_name_or_conf(tmp_path):
     assert find_checkpoint(spec, tmp_path) == tmp_path / "sam_med3d_turbo.pth"
     assert find_checkpoint(spec, tmp_path, {"sam_med3d_checkpoint": "/data/turbo.pth"}) == Path("/data/turbo.pth")
     assert [s.checkpoint_file for s in MODELS.values()] == ["FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth",
-                                                            "sam-med2d_b.pth"]
+                                                            "medsam_point_prompt_flare22.pth", "sam-med2d_b.pth"]
 
 
 def check_command(*args):
@@ -134,6 +134,6 @@ def test_check_command_rejects_wrong_model(official_files, tmp_path):
     unknown = tmp_path / "unknown.pth"
     torch.save({"encoder.layer.0.weight": torch.zeros(3, 3)}, unknown)
     result = check_command(unknown)
-    assert result.returncode == 1 and "none of fastsam3d, sam_med3d, medsam, sam_med2d" in result.stdout
+    assert result.returncode == 1 and "none of fastsam3d, sam_med3d, medsam, medsam_point, sam_med2d" in result.stdout
     result = check_command(official_files["fastsam3d", "training"][0], "--model", "sam_med3d")
     assert result.returncode == 1 and "not SAM-Med3D-turbo" in result.stdout

@@ -76,7 +76,7 @@ class StubPromptEncoder(nn.Module):
 
 
 class StubDecoder(nn.Module):
-    """Positive inside the box, or within 8 model pixels of the first positive point."""
+    """Positive inside the box, or within size/32 model pixels (8 at 256) of the first positive point."""
 
     def __init__(self, size):
         super().__init__()
@@ -90,7 +90,7 @@ class StubDecoder(nn.Module):
             inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
         else:
             px, py = sparse[0, 0]
-            inside = (x - px) ** 2 + (y - py) ** 2 <= 8.0 ** 2
+            inside = (x - px) ** 2 + (y - py) ** 2 <= (self.size / 32) ** 2
         logits = torch.where(inside, 10.0, -10.0)[None, None]
         if multimask:  # the best (middle) mask is the real one
             return torch.cat([-logits, logits, -logits], 1), torch.tensor([[0.1, 0.9, 0.2]])
@@ -117,12 +117,12 @@ def volume(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["sam_med2d", "medsam"])
+@pytest.mark.parametrize("name", ["sam_med2d", "medsam", "medsam_point"])
 def test_mask_lands_on_the_clicked_slice_at_the_clicked_pixels(volume, name):
     engine = stub_segmenter(name)
     click = (70, 20, 4)
     # MedSAM is driven by a box: two positive clicks span it (one click gives a box of ~2 pixels here)
-    clicks = [click] if name == "sam_med2d" else [(62, 14, 4), (78, 26, 4)]
+    clicks = [(62, 14, 4), (78, 26, 4)] if name == "medsam" else [click]
     result = engine.segment(volume, clicks, [], "user", slice_index=4)
     assert result.mask.shape == (COLUMNS, ROWS, SLICES)
     assert result.mask[:, :, :4].sum() == 0 and result.mask[:, :, 5:].sum() == 0

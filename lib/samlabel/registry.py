@@ -24,6 +24,8 @@ class ModelSpec:
     checkpoint_file: str  # official file name, looked up in the app's model/ folder
     checkpoint_key: Optional[str]  # entry of the checkpoint dict holding the state dict (None: the file is one)
     source: str  # where users download the checkpoint
+    prompt: str = "points"  # 2D models: "box" (MedSAM), "point" (MedSAM's point-prompt decoder), "points" (SAM-Med2D)
+    preprocess: Optional[str] = None  # 2D models: key of samlabel.slices.PREPROCESS
 
 
 # What both 3D click models share: the official SAM-Med3D input pipeline and checkpoint layout.
@@ -47,11 +49,17 @@ MODELS: Dict[str, ModelSpec] = {
         ModelSpec(name="medsam", title="MedSAM", builder=build_medsam, dimension=2, input_size=(1024, 1024),
                   spacing_mm=None, orientation="stored slice", checkpoint_file="medsam_vit_b.pth", checkpoint_key=None,
                   intensity="CT window 40/400 or MR 0.5-99.5 percentiles to 0-255, bicubic to 1024^2, min-max to [0, 1]",
-                  source="https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN (medsam_vit_b.pth)"),
+                  source="https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN (medsam_vit_b.pth)",
+                  prompt="box", preprocess="medsam"),
+        ModelSpec(name="medsam_point", title="MedSAM (point prompt)", builder=build_medsam, dimension=2,
+                  input_size=(1024, 1024), spacing_mm=None, orientation="stored slice",
+                  checkpoint_file="medsam_point_prompt_flare22.pth", checkpoint_key=None,
+                  intensity="as MedSAM", prompt="point", preprocess="medsam",
+                  source="MedSAM extensions/point_prompt (medsam_point_prompt_flare22.pth, FLARE22 only, experimental)"),
         ModelSpec(name="sam_med2d", title="SAM-Med2D", builder=build_sam_med2d, dimension=2, input_size=(256, 256),
                   spacing_mm=None, orientation="stored slice", checkpoint_file="sam-med2d_b.pth", checkpoint_key="model",
                   intensity="0-255 as MedSAM, SAM pixel mean/std, nearest resize to 256^2",
-                  source="https://github.com/OpenGVLab/SAM-Med2D (sam-med2d_b.pth)"),
+                  source="https://github.com/OpenGVLab/SAM-Med2D (sam-med2d_b.pth)", preprocess="sam_med2d"),
     )
 }
 

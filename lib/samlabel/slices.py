@@ -1,4 +1,5 @@
-"""The 2D models driven slice by slice: MedSAM (box prompts) and SAM-Med2D (point prompts).
+"""The 2D models driven slice by slice: MedSAM (box prompts, or points with its point-prompt
+checkpoint) and SAM-Med2D (point prompts).
 
 A slice is the stored array's third axis at index k, as both front ends assume; in the model
 frame x is the first array axis (i, the column) and y the second (j, the row), so the slice
@@ -146,7 +147,7 @@ class SliceSegmenter:
             previous = None if reset else self.interactions.get(interaction_key)
             if previous is not None and previous.slice_index != slice_index:
                 previous = None
-            box = self._box(roi, positives, negatives, scale) if self.spec.name == "medsam" else None
+            box = self._box(roi, positives, negatives, scale) if self.spec.prompt == "box" else None
             previous_logits = previous.low_res_logits if previous is not None else None
             logits = self._decode(model, embedding, positives * scale, negatives * scale, box, previous_logits)
         self.interactions.put(interaction_key, SliceState(slice_index, logits))
@@ -185,7 +186,7 @@ class SliceSegmenter:
                                        dtype=np.float64)
                     columns_hit, rows_hit = np.nonzero(neighbour)
                     corners = np.array([[columns_hit.min(), rows_hit.min()], [columns_hit.max(), rows_hit.max()]], dtype=np.float64)
-                    box = box_from_clicks(corners, np.zeros((0, 2)), scale) if self.spec.name == "medsam" else None
+                    box = box_from_clicks(corners, np.zeros((0, 2)), scale) if self.spec.prompt == "box" else None
                     logits = self._decode(model, embedding, deepest * scale, np.zeros((0, 2)), box, neighbour_logits)
                 current = slice_mask(logits, columns, rows)
                 area = int(current.sum())
@@ -200,12 +201,15 @@ class SliceSegmenter:
     def _decode(self, model, embedding, positives, negatives, box, previous_logits) -> torch.Tensor:
         """Low-res logits (1, 1, L, L) from prompts in the model frame."""
         dense_pe = model.prompt_encoder.get_dense_pe()
-        if self.spec.name == "medsam":  # a box, no points, no mask (as trained)
+        if self.spec.prompt == "box":  # MedSAM: a box, no points, no mask (as trained)
             sparse, dense = model.prompt_encoder(None, torch.from_numpy(box).float()[None], None)
             return model.mask_decoder(embedding, dense_pe, sparse, dense, False)[0]
-        # SAM-Med2D: points, the previous mask fed back as probabilities, the best of 3 masks
         points = torch.from_numpy(np.concatenate([positives, negatives])).float()[None]
         labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)])
+        if self.spec.prompt == "point":  # MedSAM's point-prompt decoder: points only, one mask (as trained)
+            sparse, dense = model.prompt_encoder((points, labels), None, None)
+            return model.mask_decoder(embedding, dense_pe, sparse, dense, False)[0]
+        # SAM-Med2D: points, the previous mask fed back as probabilities, the best of 3 masks
         mask_input = torch.sigmoid(previous_logits) if previous_logits is not None else None
         sparse, dense = model.prompt_encoder((points, labels), None, mask_input)
         all_logits, iou = model.mask_decoder(embedding, dense_pe, sparse, dense, True)
@@ -220,7 +224,7 @@ class SliceSegmenter:
             low, high = self.windows[image.key]
             slice_255 = to_uint8_range(image.array[:, :, slice_index].T, (low, high), keep_zero=(low, high) != (-160.0, 240.0))
             with torch.inference_mode():
-                embedding = model.image_encoder(PREPROCESS[self.spec.name](slice_255).to(self.device))
+                embedding = model.image_encoder(PREPROCESS[self.spec.preprocess](slice_255).to(self.device))
             self.encoder_runs += 1
             self.embeddings.put(key, embedding)
         return embedding

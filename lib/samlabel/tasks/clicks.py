@@ -44,7 +44,7 @@ class ClickSegmentation(BasicInferTask):
         elif spec.dimension == 3:
             description = f"{spec.title}: 3D segmentation from positive/negative clicks ({spec.input_size[0]}^3 window, {spec.spacing_mm} mm)"
         else:
-            prompts = "a box (ROI) or clicks" if spec.name == "medsam" else "positive/negative clicks"
+            prompts = "a box (ROI) or clicks" if spec.prompt == "box" else "positive/negative clicks"
             description = f"{spec.title}: segmentation of the clicked slice from {prompts}"
         if missing_checkpoint_hint:
             description += f". UNAVAILABLE: {missing_checkpoint_hint}"
