@@ -9,6 +9,7 @@ Conf keys (``--conf KEY VALUE``):
     <model>_checkpoint:    checkpoint path, instead of model/<official file name> (e.g. fastsam3d_checkpoint)
     device:                cpu or cuda (default: cuda when available)
     image_cache_mb:        memory for loaded images (default 2048)
+    propagation_seconds:   time bound of the 2D models' 3D propagation tasks (default 60)
 """
 
 import logging
@@ -70,7 +71,9 @@ class FastSAM3DApp(MONAILabelApp):
             segmenter = engine(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
             infers[name] = ClickSegmentation(segmenter, self.missing.get(name, ""))
             if spec.dimension == 2:  # the same model as a 3D task, propagating from the clicked slice
-                infers[f"{name}_3d"] = ClickSegmentation(segmenter, self.missing.get(name, ""), propagate=True)
+                seconds = float(self.conf_values.get("propagation_seconds", 60))
+                infers[f"{name}_3d"] = ClickSegmentation(segmenter, self.missing.get(name, ""), propagate=True,
+                                                         propagation_seconds=seconds)
             if name not in self.missing:  # load the weights now, not on the first click
                 threading.Thread(target=preload, args=(segmenter,), daemon=True).start()
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")

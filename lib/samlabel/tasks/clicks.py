@@ -34,10 +34,11 @@ LABELS = ["segment"]  # OHIF offers a segment only for declared labels; Slicer s
 
 
 class ClickSegmentation(BasicInferTask):
-    def __init__(self, segmenter, missing_checkpoint_hint: str = "", propagate: bool = False):
+    def __init__(self, segmenter, missing_checkpoint_hint: str = "", propagate: bool = False,
+                 propagation_seconds: float = 60.0):
         """propagate: a 2D model as a 3D task: the clicked slice, then its neighbours (SliceSegmenter.propagate)."""
         spec = segmenter.spec
-        self.propagate = propagate
+        self.propagate, self.propagation_seconds = propagate, propagation_seconds
         if propagate:
             description = (f"{spec.title} in 3D: segments the slice of the last positive click, then propagates "
                            "slice by slice until the structure ends")
@@ -75,6 +76,8 @@ class ClickSegmentation(BasicInferTask):
             if self.propagate and extra["slice_index"] is None and foreground:  # a 3D task: all clicks of the segment
                 start = foreground[-1][2]
                 foreground, background = ([p for p in points if p[2] == start] for points in (foreground, background))
+        if self.propagate:
+            extra["seconds"] = self.propagation_seconds
         segment = self.segmenter.propagate if self.propagate else self.segmenter.segment
         try:
             result = segment(data["image_path"], foreground, background, key,
