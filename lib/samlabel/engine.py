@@ -18,6 +18,7 @@ from .checkpoint import load_model
 from .geometry import Window, apply, logits_to_image, place_window, sample_window
 from .predictor import SamPredictor3D
 from .registry import ModelSpec
+from .uncertainty import EnsembleConfig, SelfEnsemble
 
 WINDOW_MARGIN_VOXELS = 4  # a click closer than this to the window's faces moves the window
 
@@ -129,6 +130,7 @@ class ClickResult:
     affine: np.ndarray  # the image's: voxel index -> RAS mm
     window: Optional[Window]  # the 3D model's window (None for slice models)
     info: Dict = field(default_factory=dict)
+    uncertainty: Optional[np.ndarray] = None  # float32 ensemble std on the image's grid, when asked for
 
 
 def normalise_intensity(window_volume: torch.Tensor) -> torch.Tensor:
@@ -159,7 +161,9 @@ class ClickSegmenter3D:
             return self._predictor
 
     def segment(self, image_path: str, foreground: Sequence, background: Sequence, interaction_key: Hashable,
-                reset: bool = False) -> ClickResult:
+                reset: bool = False, ensemble: Optional[EnsembleConfig] = None) -> ClickResult:
+        """One click: the mask on the image's grid. With `ensemble`, the result is the mean of N
+        decoder runs on prompts sampled from the first mask, and `uncertainty` their std."""
         image = self.images.get(image_path)
         clicks = validate_clicks(foreground, background, image.array.shape)
         clicks_ras = apply(image.affine, [point for point, _ in clicks])
@@ -195,12 +199,26 @@ class ClickSegmenter3D:
             labels = torch.tensor([label for (_, label), ok in zip(clicks, inside) if ok])
             mask_prompt = previous.low_res_logits if keep_window else torch.zeros(1, 1, *(s // 4 for s in self.spec.input_size))
             logits, iou = predictor.predict(points, labels, mask_prompt)
+            if ensemble is not None and ensemble.size > 0:
+                def decode(point_sets, label_sets):
+                    prompts = mask_prompt.expand(len(point_sets), -1, -1, -1, -1)
+                    return predictor.predict(point_sets, label_sets, prompts)[0]
+
+                stats = SelfEnsemble(ensemble)({
+                    "ensemble_decode": decode, "ensemble_first_logits": logits, "ensemble_points": points.numpy(),
+                    "ensemble_labels": labels.numpy(), "ensemble_model_size": size})
+                logits, std = stats["ensemble_mean"], stats["ensemble_std"]
 
         values, block = logits_to_image(logits, window, image.array.shape, image.affine, positive_only=True)
         mask = np.zeros(image.array.shape, dtype=np.uint8, order="F")  # file order of NRRD/NIfTI data
         if values.size:
             mask[block] = values > 0
         self.interactions.put(interaction_key, Interaction(window, clicks, logits))
+        uncertainty = None
+        if ensemble is not None and ensemble.size > 0:
+            std_values, std_block = logits_to_image(std, window, image.array.shape, image.affine)
+            uncertainty = np.zeros(image.array.shape, dtype=np.float32, order="F")
+            uncertainty[std_block] = np.where(np.isfinite(std_values), std_values, 0)
         info = {
             "model": self.spec.name,
             "window_reused": bool(keep_window),
@@ -212,7 +230,26 @@ class ClickSegmenter3D:
             "predicted_iou": float(iou.reshape(-1)[0]),
             "voxels": int(mask.sum()),
         }
-        return ClickResult(mask, image.affine, window, info)
+        if uncertainty is not None:
+            info.update(uncertainty_summary(uncertainty, mask, image.affine))
+        return ClickResult(mask, image.affine, window, info, uncertainty)
+
+
+def uncertainty_summary(uncertainty: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> Dict:
+    """Summary numbers and a suggested next click: the most uncertain voxel within one voxel of the
+    mask's boundary (or anywhere, for an empty mask)."""
+    from scipy import ndimage
+
+    boundary = mask.astype(bool) ^ ndimage.binary_erosion(mask.astype(bool))
+    band = ndimage.binary_dilation(boundary) if boundary.any() else np.ones_like(boundary)
+    candidates = np.where(band, uncertainty, -1.0)
+    suggestion = np.unravel_index(int(np.argmax(candidates)), uncertainty.shape)
+    return {
+        "uncertainty_max": float(uncertainty.max()),
+        "uncertainty_mean_on_boundary": float(uncertainty[boundary].mean()) if boundary.any() else 0.0,
+        "suggested_click": [int(c) for c in suggestion],
+        "suggested_click_uncertainty": float(uncertainty[suggestion]),
+    }
 
 
 def validate_clicks(foreground, background, shape, need_positive: bool = True) -> List[Tuple[Tuple[int, int, int], int]]:

@@ -1,0 +1,76 @@
+"""Self-ensembling (FastSAM-3DSlicer, Eq. 1-3): encode once, decode N times with prompts sampled
+from the first mask M0; the mean of the N logit maps is the result, their per-voxel standard
+deviation the uncertainty.
+
+Sampling, per ensemble member: the user's own clicks (they stay authoritative), plus
+`positives` points drawn uniformly from M0's interior (M0 eroded by one cell, or M0 itself when
+erosion empties it) and `negatives` points from its surroundings (M0 dilated by `ring` cells,
+minus M0). Points are low-res cell centres in the model frame. Interior and surroundings are
+where the model is confident, so disagreement between members concentrates where the mask is
+uncertain: near its boundary. A seeded generator makes the same request give the same answer.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+
+@dataclass
+class EnsembleConfig:
+    size: int = 8  # N decoder runs
+    positives: int = 3  # points drawn from M0's interior per member
+    negatives: int = 3  # points drawn from M0's surroundings per member
+    ring: int = 2  # low-res cells around M0 that count as its surroundings
+    seed: int = 0
+
+
+def sample_prompt_sets(first_mask: np.ndarray, points: np.ndarray, labels: np.ndarray, cell: float,
+                       config: EnsembleConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """N prompt sets: (N, P, D) points in the model frame and (N, P) labels.
+
+    first_mask: M0 on the low-res grid (bool, D axes); points/labels: the user's prompts
+    (P0, D) / (P0,) in the model frame; cell: model-frame pixels per low-res cell."""
+    rng = np.random.default_rng(config.seed)
+    interior = ndimage.binary_erosion(first_mask)
+    interior = interior if interior.any() else first_mask
+    surroundings = ndimage.binary_dilation(first_mask, iterations=config.ring) & ~first_mask
+    pools = [(np.argwhere(interior), config.positives, 1), (np.argwhere(surroundings), config.negatives, 0)]
+    all_points, all_labels = [], []
+    for _ in range(config.size):
+        member_points, member_labels = [np.asarray(points, dtype=np.float64)], [np.asarray(labels)]
+        for pool, count, label in pools:
+            if len(pool) and count:
+                chosen = pool[rng.integers(0, len(pool), count)]
+                member_points.append((chosen + 0.5) * cell - 0.5)  # cell centre in model pixels
+                member_labels.append(np.full(count, label))
+        all_points.append(np.concatenate(member_points))
+        all_labels.append(np.concatenate(member_labels))
+    return torch.from_numpy(np.stack(all_points)).float(), torch.from_numpy(np.stack(all_labels)).long()
+
+
+def ensemble_statistics(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) standard deviation over the members (dim 0): Eq. 2 and 3.
+    The result mask is mean > 0 (Eq. 1: sigmoid(mean) > 0.5; a tie at 0 is background)."""
+    return logits.mean(0, keepdim=True), logits.std(0, unbiased=False, keepdim=True)
+
+
+class SelfEnsemble:
+    """Dictionary transform: from data["ensemble_decode"] (prompt sets -> (N, 1, *grid) logits, one
+    batched decoder call on the cached embedding), data["ensemble_points"] / ["ensemble_labels"]
+    (the user's prompts in the model frame) and data["ensemble_first_logits"] (M0's logits),
+    it adds data["ensemble_mean"] and data["ensemble_std"] on the low-res grid."""
+
+    def __init__(self, config: EnsembleConfig = EnsembleConfig()):
+        self.config = config
+
+    def __call__(self, data: dict) -> dict:
+        decode: Callable = data["ensemble_decode"]
+        first = data["ensemble_first_logits"]
+        cell = data["ensemble_model_size"] / first.shape[-1]
+        points, labels = sample_prompt_sets((first[0, 0] > 0).cpu().numpy(), data["ensemble_points"],
+                                            data["ensemble_labels"], cell, self.config)
+        data["ensemble_mean"], data["ensemble_std"] = ensemble_statistics(decode(points, labels))
+        return data

@@ -1,0 +1,77 @@
+"""Self-ensembling: statistics against hand-computed values with a test-double decoder, the prompt
+sampling, and the encoder running once."""
+
+import numpy as np
+import pytest
+import torch
+
+from samlabel.uncertainty import EnsembleConfig, SelfEnsemble, ensemble_statistics, sample_prompt_sets
+from test_engine import segmenter, volume_path  # noqa: F401 - fixture
+
+
+def test_statistics_are_the_mean_and_population_std():
+    logits = torch.tensor([[[1.0, -2.0, 0.0, 4.0]], [[3.0, -2.0, 0.0, -4.0]]])  # two members, four voxels
+    mean, std = ensemble_statistics(logits)
+    assert mean.tolist() == [[[2.0, -2.0, 0.0, 0.0]]]
+    assert std.tolist() == [[[1.0, 0.0, 0.0, 4.0]]]  # sqrt(((1-2)^2 + (3-2)^2) / 2) = 1; members agreeing: 0
+    assert ((mean > 0).tolist()) == [[[True, False, False, False]]]  # Eq. 1: a tie (mean 0) is background
+
+
+def first_mask():
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:6, 3:6, 1:5] = True
+    return mask
+
+
+def test_sampling_keeps_the_user_clicks_and_draws_inside_and_around_m0():
+    user_points, user_labels = np.array([[14.0, 17.0, 9.0], [2.0, 2.0, 2.0]]), np.array([1, 0])
+    config = EnsembleConfig(size=20, positives=4, negatives=5, ring=2, seed=3)
+    points, labels = sample_prompt_sets(first_mask(), user_points, user_labels, cell=4.0, config=config)
+    assert points.shape == (20, 2 + 4 + 5, 3) and labels.shape == (20, 11)
+    assert torch.equal(points[:, :2], torch.tensor(user_points).float().expand(20, -1, -1))
+    cells = ((points[:, 2:] + 0.5) / 4 - 0.5).round().long().numpy()  # back to low-res cells
+    inside = first_mask()[cells[..., 0], cells[..., 1], cells[..., 2]]
+    assert inside[:, :4].all() and not inside[:, 4:].any()  # positives in M0, negatives outside it
+    assert (labels[:, 2:6] == 1).all() and (labels[:, 6:] == 0).all()
+    assert (points >= -0.5).all() and (points <= 31.5).all()  # none outside the 32-cell (128 px) frame
+    again, _ = sample_prompt_sets(first_mask(), user_points, user_labels, cell=4.0, config=config)
+    assert torch.equal(points, again)  # seeded
+    other, _ = sample_prompt_sets(first_mask(), user_points, user_labels, cell=4.0, config=EnsembleConfig(size=20, seed=4))
+    assert not torch.equal(points[:, :5], other[:, :5])
+
+
+def test_transform_decodes_all_members_in_one_call():
+    calls = []
+
+    def decode(points, labels):  # test double: member m returns m everywhere
+        calls.append(points.shape[0])
+        return torch.arange(points.shape[0], dtype=torch.float32).reshape(-1, 1, 1, 1, 1).expand(-1, 1, 8, 8, 8)
+
+    first = torch.where(torch.from_numpy(first_mask()), 1.0, -1.0)[None, None]
+    data = SelfEnsemble(EnsembleConfig(size=4))({"ensemble_decode": decode, "ensemble_first_logits": first,
+                                                 "ensemble_points": np.zeros((1, 3)), "ensemble_labels": np.ones(1),
+                                                 "ensemble_model_size": 32})
+    assert calls == [4]
+    assert torch.allclose(data["ensemble_mean"], torch.full((1, 1, 8, 8, 8), 1.5))
+    assert torch.allclose(data["ensemble_std"], torch.full((1, 1, 8, 8, 8), np.std([0, 1, 2, 3])))
+
+
+def test_engine_ensemble_runs_the_encoder_once_and_maps_the_std(volume_path):  # noqa: F811
+    engine = segmenter()
+    plain = engine.segment(volume_path, [[150, 130, 20]], [], "plain")
+    ensembled = engine.segment(volume_path, [[150, 130, 20]], [], "ensembled", ensemble=EnsembleConfig(size=8))
+    assert engine.encoder_runs == 1  # the same window: the ensemble reuses the embedding
+    assert ensembled.uncertainty.shape == ensembled.mask.shape and ensembled.uncertainty.dtype == np.float32
+    assert plain.uncertainty is None and ensembled.uncertainty.max() > 0
+    suggested = tuple(ensembled.info["suggested_click"])
+    assert ensembled.uncertainty[suggested] == pytest.approx(ensembled.info["suggested_click_uncertainty"])
+    assert ensembled.info["uncertainty_max"] == pytest.approx(float(ensembled.uncertainty.max()))
+    outside = ensembled.uncertainty[:5, :5, :5]  # far outside the window: no ensemble there
+    assert outside.max() == 0
+
+
+def test_ensemble_of_identical_members_has_zero_std(volume_path):  # noqa: F811
+    """No sampled points: every member gets the user's clicks only, so all agree exactly."""
+    engine = segmenter()
+    result = engine.segment(volume_path, [[150, 130, 20]], [], "u", ensemble=EnsembleConfig(size=5, positives=0, negatives=0))
+    assert result.uncertainty.max() == pytest.approx(0.0, abs=1e-5)
