@@ -266,3 +266,30 @@ def test_wrong_checkpoint_is_refused_with_its_mismatches(monailabel_server, clic
     assert response.status_code == 503
     assert "is not a FastSAM3D checkpoint" in response.json()["detail"] and "unexpected keys" in response.json()["detail"]
     assert "is not a FastSAM3D checkpoint" in server.log()
+
+
+def test_uncertainty_through_the_server(server, click_studies, tmp_path):
+    """A click with uncertainty on, then the companion task shows the bands, as Slicer asks them."""
+    name, click = "phantom_ras", list(PHANTOM_CLICK)
+    response = slicer_infer(server.url, "fastsam3d", name, [click], client_id="unsure", uncertainty=True, ensemble_size=6)
+    assert response.status_code == 200, response.text
+    params, _ = parse_multipart(response, tmp_path)
+    assert params["uncertainty_max"] > 0 and len(params["suggested_click"]) == 3
+    info = requests.get(f"{server.url}/info/", timeout=30).json()["models"]["fastsam3d_uncertainty"]
+    assert info["type"] == "segmentation" and info["labels"] == {"uncertainty low": 1, "uncertainty medium": 2, "uncertainty high": 3}
+    bands = requests.post(f"{server.url}/infer/fastsam3d_uncertainty", params={"image": name},
+                          files={"params": (None, json.dumps({"client_id": "unsure", "ensemble_size": 6,
+                                                              "result_extension": ".nrrd", "result_dtype": "uint8"}))},
+                          timeout=TIMEOUT)
+    assert bands.status_code == 200, bands.text
+    params, path = parse_multipart(bands, tmp_path)
+    image = sitk.ReadImage(str(path))
+    assert_same_geometry(image, sitk.ReadImage(str(click_studies / f"{name}.nii.gz")))
+    values = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    assert set(np.unique(values)) <= {0, 1, 2, 3} and (values == 3).any()
+    ijk = np.argwhere(values > 0)
+    affine = phantom_copies()[name][1]
+    assert mask_inside_window(ijk, affine, params["window_affine"], params["window_size"])  # members agree outside
+    nobody = requests.post(f"{server.url}/infer/fastsam3d_uncertainty", params={"image": name},
+                           files={"params": (None, json.dumps({"client_id": "never-clicked"}))}, timeout=TIMEOUT)
+    assert nobody.status_code == 400 and "no clicks yet" in nobody.json()["detail"]

@@ -151,6 +151,7 @@ class ClickSegmenter3D:
         self.embeddings = LRUCache(embeddings)
         self.interactions = LRUCache(interactions)
         self.encoder_runs = 0
+        self.latest: Dict = {}  # (client_id, image) -> the latest interaction's (key, foreground, background)
         self._predictor: Optional[SamPredictor3D] = None
         self._model_lock = threading.Lock()
 
@@ -161,9 +162,10 @@ class ClickSegmenter3D:
             return self._predictor
 
     def segment(self, image_path: str, foreground: Sequence, background: Sequence, interaction_key: Hashable,
-                reset: bool = False, ensemble: Optional[EnsembleConfig] = None) -> ClickResult:
+                reset: bool = False, ensemble: Optional[EnsembleConfig] = None, persist: bool = True) -> ClickResult:
         """One click: the mask on the image's grid. With `ensemble`, the result is the mean of N
-        decoder runs on prompts sampled from the first mask, and `uncertainty` their std."""
+        decoder runs on prompts sampled from the first mask, and `uncertainty` their std.
+        persist=False leaves the interaction state as it was (a look at the current state)."""
         image = self.images.get(image_path)
         clicks = validate_clicks(foreground, background, image.array.shape)
         clicks_ras = apply(image.affine, [point for point, _ in clicks])
@@ -213,7 +215,8 @@ class ClickSegmenter3D:
         mask = np.zeros(image.array.shape, dtype=np.uint8, order="F")  # file order of NRRD/NIfTI data
         if values.size:
             mask[block] = values > 0
-        self.interactions.put(interaction_key, Interaction(window, clicks, logits))
+        if persist:
+            self.interactions.put(interaction_key, Interaction(window, clicks, logits))
         uncertainty = None
         if ensemble is not None and ensemble.size > 0:
             std_values, std_block = logits_to_image(std, window, image.array.shape, image.affine)

@@ -108,6 +108,7 @@ class SliceSegmenter:
         self.interactions = LRUCache(interactions)
         self.windows: Dict[Hashable, Tuple[float, float]] = {}
         self.encoder_runs = 0
+        self.latest: Dict = {}  # (client_id, image) -> the latest interaction's (key, foreground, background)
         self._model = None
         self._lock = threading.Lock()
 

@@ -19,6 +19,8 @@ import logging
 import os
 import tempfile
 
+import numpy as np
+
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -27,6 +29,7 @@ from monailabel.utils.others.generic import file_ext, strtobool
 
 from ..checkpoint import CheckpointError
 from ..engine import InputError
+from ..uncertainty import EnsembleConfig
 from ..nrrd_io import write_nrrd
 
 logger = logging.getLogger(__name__)
@@ -49,8 +52,11 @@ class ClickSegmentation(BasicInferTask):
             description = f"{spec.title}: segmentation of the clicked slice from {prompts}"
         if missing_checkpoint_hint:
             description += f". UNAVAILABLE: {missing_checkpoint_hint}"
+        config = {"reset_state": False}
+        if spec.dimension == 3:  # self-ensembling: the mean of N decoder runs; the JSON says where it is unsure
+            config.update({"uncertainty": False, "ensemble_size": 8})
         super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=3 if propagate else spec.dimension,
-                         description=description, config={"reset_state": False})
+                         description=description, config=config)
         self.segmenter = segmenter
         self.missing_checkpoint_hint = missing_checkpoint_hint
 
@@ -78,6 +84,8 @@ class ClickSegmentation(BasicInferTask):
                 foreground, background = ([p for p in points if p[2] == start] for points in (foreground, background))
         if self.propagate:
             extra["seconds"] = self.propagation_seconds
+        elif self.segmenter.spec.dimension == 3 and strtobool(str(data.get("uncertainty", False))):
+            extra["ensemble"] = ensemble_config(data)
         segment = self.segmenter.propagate if self.propagate else self.segmenter.segment
         try:
             result = segment(data["image_path"], foreground, background, key,
@@ -87,6 +95,7 @@ class ClickSegmentation(BasicInferTask):
         except CheckpointError as error:
             raise HTTPException(status_code=503, detail=str(error)) from None
         logger.info(f"{self.segmenter.spec.name}: {result.info}")
+        self.segmenter.latest[key[:2]] = (key, foreground, background)  # for the uncertainty companion task
         data["pred"] = result.mask
         data["pred_meta_dict"] = {"affine": result.affine}
         data["result"] = result.info
@@ -100,3 +109,49 @@ class ClickSegmentation(BasicInferTask):
         mask = data["pred"].astype(dtype or data.get("result_dtype") or "uint8", copy=False)
         write_nrrd(output, mask, data["pred_meta_dict"]["affine"], compress=strtobool(str(data.get("result_compress", True))))
         return output, data["result"]
+
+
+def ensemble_config(data) -> EnsembleConfig:
+    size = int(data.get("ensemble_size", 8))
+    if not 1 <= size <= 256:
+        raise HTTPException(status_code=400, detail=f"ensemble_size must be between 1 and 256, got {size}")
+    return EnsembleConfig(size=size)
+
+
+UNCERTAINTY_BANDS = {"uncertainty low": 1, "uncertainty medium": 2, "uncertainty high": 3}
+BAND_EDGES = (0.1, 1 / 3, 2 / 3)  # fractions of the largest std: above each edge, the next band
+
+
+class UncertaintyBands(ClickSegmentation):
+    """Companion of a 3D click task, shown by the stock front ends as a segmentation model: the
+    self-ensemble's std for the user's current interaction on the image, as three labelled bands
+    (Slicer makes a segment per label name; OHIF colours label values). The JSON carries the
+    summary and the suggested next click. Nothing of the interaction changes."""
+
+    def __init__(self, segmenter, missing_checkpoint_hint: str = ""):
+        super().__init__(segmenter, missing_checkpoint_hint)
+        self.type = InferType.SEGMENTATION
+        self.labels = dict(UNCERTAINTY_BANDS)
+        self.description = f"{segmenter.spec.title} uncertainty: where an ensemble of decoder runs disagrees (click first)"
+        self._config = {**{k: v for k, v in self._config.items() if k != "uncertainty"}, "ensemble_size": 8}
+
+    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
+        if not self.segmenter.checkpoint.is_file():
+            raise HTTPException(status_code=503, detail=self.missing_checkpoint_hint or "checkpoint missing")
+        latest = self.segmenter.latest.get((data.get("client_id"), data.get("image_path")))
+        if latest is None:
+            raise HTTPException(status_code=400, detail=f"no clicks yet on this image: segment with {self.segmenter.spec.name} first")
+        key, foreground, background = latest
+        try:
+            result = self.segmenter.segment(data["image_path"], foreground, background, key,
+                                            ensemble=ensemble_config(data), persist=False)
+        except InputError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        peak = float(result.uncertainty.max())
+        bands = np.zeros(result.uncertainty.shape, dtype=np.uint8, order="F")
+        for value, edge in enumerate(BAND_EDGES, start=1):
+            bands[result.uncertainty > edge * peak] = value
+        data["pred"] = bands
+        data["pred_meta_dict"] = {"affine": result.affine}
+        data["result"] = {**result.info, "band_edges_std": [edge * peak for edge in BAND_EDGES]}
+        return data
