@@ -40,7 +40,8 @@ def slice_server(monailabel_server, click_studies, slice_checkpoints):
 def test_info_shows_2d_models_to_the_plugins(slice_server):
     models = requests.get(f"{slice_server.url}/info/", timeout=30).json()["models"]
     assert {name: (m["type"], m["dimension"]) for name, m in models.items()} == {
-        "medsam": ("deepgrow", 2), "sam_med2d": ("deepgrow", 2), "medsam_3d": ("deepgrow", 3), "sam_med2d_3d": ("deepgrow", 3)}
+        "medsam": ("deepgrow", 2), "sam_med2d": ("deepgrow", 2), "medsam_3d": ("deepgrow", 3), "sam_med2d_3d": ("deepgrow", 3),
+        "medsam_uncertainty": ("segmentation", 2), "sam_med2d_uncertainty": ("segmentation", 2)}
 
 
 @pytest.mark.parametrize("model,extra", [("sam_med2d", {}), ("medsam", {"roi": [10, 40, 12, 30, SLICE, SLICE]})])
@@ -83,3 +84,22 @@ def test_propagation_task_answers_a_3d_request(slice_server, click_studies, tmp_
     params, path = parse_multipart(response, tmp_path)
     assert params["slice"] == SLICE and "stopped" in params
     assert_same_geometry(sitk.ReadImage(str(path)), sitk.ReadImage(str(click_studies / "phantom_ras.nii.gz")))
+
+
+@pytest.mark.parametrize("model,extra", [("sam_med2d", {}), ("medsam", {"roi": [10, 40, 12, 30, SLICE, SLICE]})])
+def test_uncertainty_for_a_2d_model(slice_server, click_studies, tmp_path, model, extra):
+    clicks = [[30, 20, SLICE]]
+    response = slicer_infer(slice_server.url, model, "phantom_ras", clicks, client_id=f"unsure-{model}", slice=SLICE,
+                            uncertainty=True, ensemble_size=5, **extra)
+    assert response.status_code == 200, response.text
+    params, _ = parse_multipart(response, tmp_path)
+    assert "uncertainty_max" in params and params["suggested_click"][2] == SLICE
+    bands = requests.post(f"{slice_server.url}/infer/{model}_uncertainty", params={"image": "phantom_ras"},
+                          files={"params": (None, json.dumps({"client_id": f"unsure-{model}", "ensemble_size": 5}))},
+                          timeout=300)
+    assert bands.status_code == 200, bands.text
+    _, path = parse_multipart(bands, tmp_path, ".nii.gz")
+    image = sitk.ReadImage(str(path))
+    assert_same_geometry(image, sitk.ReadImage(str(click_studies / "phantom_ras.nii.gz")))
+    values = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    assert np.delete(values, SLICE, axis=2).max() == 0  # only the clicked slice has members that can disagree

@@ -70,8 +70,8 @@ class FastSAM3DApp(MONAILabelApp):
             engine = ClickSegmenter3D if spec.dimension == 3 else SliceSegmenter
             segmenter = engine(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
             infers[name] = ClickSegmentation(segmenter, self.missing.get(name, ""))
-            if spec.dimension == 3:  # where the self-ensemble disagrees, as labelled bands
-                infers[f"{name}_uncertainty"] = UncertaintyBands(segmenter, self.missing.get(name, ""))
+            # where the self-ensemble disagrees, as labelled bands
+            infers[f"{name}_uncertainty"] = UncertaintyBands(segmenter, self.missing.get(name, ""))
             if spec.dimension == 2:  # the same model as a 3D task, propagating from the clicked slice
                 seconds = float(self.conf_values.get("propagation_seconds", 60))
                 infers[f"{name}_3d"] = ClickSegmentation(segmenter, self.missing.get(name, ""), propagate=True,

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .checkpoint import load_model
-from .engine import ClickResult, ImageCache, InputError, LRUCache, StoredImage, validate_clicks
+from .engine import ClickResult, ImageCache, InputError, LRUCache, StoredImage, uncertainty_summary, validate_clicks
 from .registry import ModelSpec
+from .uncertainty import EnsembleConfig, SelfEnsemble, ensemble_statistics, jittered_boxes
 
 SAM_PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53])
 SAM_PIXEL_STD = torch.tensor([58.395, 57.12, 57.375])
@@ -119,7 +120,8 @@ class SliceSegmenter:
             return self._model
 
     def segment(self, image_path: str, foreground: Sequence, background: Sequence, interaction_key: Hashable,
-                slice_index: Optional[int] = None, roi: Optional[Sequence] = None, reset: bool = False):
+                slice_index: Optional[int] = None, roi: Optional[Sequence] = None, reset: bool = False,
+                ensemble: Optional[EnsembleConfig] = None, persist: bool = True):
         image = self.images.get(image_path)
         clicks = validate_clicks(foreground, background, image.array.shape, need_positive=roi is None)
         slices = {point[2] for point, _ in clicks}
@@ -151,11 +153,30 @@ class SliceSegmenter:
             box = self._box(roi, positives, negatives, scale) if self.spec.prompt == "box" else None
             previous_logits = previous.low_res_logits if previous is not None else None
             logits = self._decode(model, embedding, positives * scale, negatives * scale, box, previous_logits)
-        self.interactions.put(interaction_key, SliceState(slice_index, logits))
+            std = None
+            if ensemble is not None and ensemble.size > 0:  # one batched decoder call for all members
+                if box is not None:
+                    members = self._decode(model, embedding, None, None, jittered_boxes(box, ensemble), None)
+                    logits, std = ensemble_statistics(members)
+                else:
+                    stats = SelfEnsemble(ensemble)({
+                        "ensemble_decode": lambda p, l: self._decode(model, embedding, p, l, None, previous_logits),
+                        "ensemble_first_logits": logits, "ensemble_points": np.concatenate([positives, negatives]) * scale,
+                        "ensemble_labels": np.array([1] * len(positives) + [0] * len(negatives)),
+                        "ensemble_model_size": size, "ensemble_xy": True})
+                    logits, std = stats["ensemble_mean"], stats["ensemble_std"]
+        if persist:
+            self.interactions.put(interaction_key, SliceState(slice_index, logits))
         mask = np.zeros(image.array.shape, dtype=np.uint8, order="F")
         mask[:, :, slice_index] = slice_mask(logits, columns, rows)
-        return ClickResult(mask, image.affine, None, {"model": self.spec.name, "slice": slice_index,
-                                                     "embedding_reused": reused, "voxels": int(mask.sum())})
+        info = {"model": self.spec.name, "slice": slice_index, "embedding_reused": reused, "voxels": int(mask.sum())}
+        uncertainty = None
+        if std is not None:
+            uncertainty = np.zeros(image.array.shape, dtype=np.float32, order="F")
+            uncertainty[:, :, slice_index] = F.interpolate(std, size=(rows, columns), mode="bilinear",
+                                                           align_corners=False)[0, 0].numpy().T
+            info.update(uncertainty_summary(uncertainty, mask, image.affine))
+        return ClickResult(mask, image.affine, None, info, uncertainty)
 
     def propagate(self, image_path: str, foreground: Sequence, background: Sequence, interaction_key: Hashable,
                   slice_index: Optional[int] = None, roi: Optional[Sequence] = None, reset: bool = False,
@@ -199,22 +220,30 @@ class SliceSegmenter:
         result.info.update({"voxels": int(result.mask.sum()), "slices": [min(covered), max(covered)], "stopped": stopped})
         return result
 
+    @torch.inference_mode()
     def _decode(self, model, embedding, positives, negatives, box, previous_logits) -> torch.Tensor:
-        """Low-res logits (1, 1, L, L) from prompts in the model frame."""
+        """Low-res logits (B, 1, L, L) from prompts in the model frame: positive and negative points
+        (arrays), or ready prompt sets (tensors (B, P, 2) points and (B, P) labels), or a box
+        (array (4,) or tensor (B, 4))."""
         dense_pe = model.prompt_encoder.get_dense_pe()
         if self.spec.prompt == "box":  # MedSAM: a box, no points, no mask (as trained)
-            sparse, dense = model.prompt_encoder(None, torch.from_numpy(box).float()[None], None)
+            boxes = box if torch.is_tensor(box) else torch.from_numpy(box).float()[None]
+            sparse, dense = model.prompt_encoder(None, boxes, None)
             return model.mask_decoder(embedding, dense_pe, sparse, dense, False)[0]
-        points = torch.from_numpy(np.concatenate([positives, negatives])).float()[None]
-        labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)])
+        if torch.is_tensor(positives):
+            points, labels = positives, negatives
+        else:
+            points = torch.from_numpy(np.concatenate([positives, negatives])).float()[None]
+            labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)])
         if self.spec.prompt == "point":  # MedSAM's point-prompt decoder: points only, one mask (as trained)
             sparse, dense = model.prompt_encoder((points, labels), None, None)
             return model.mask_decoder(embedding, dense_pe, sparse, dense, False)[0]
         # SAM-Med2D: points, the previous mask fed back as probabilities, the best of 3 masks
-        mask_input = torch.sigmoid(previous_logits) if previous_logits is not None else None
+        mask_input = torch.sigmoid(previous_logits).expand(len(points), -1, -1, -1) if previous_logits is not None else None
         sparse, dense = model.prompt_encoder((points, labels), None, mask_input)
         all_logits, iou = model.mask_decoder(embedding, dense_pe, sparse, dense, True)
-        return all_logits[:, int(iou.argmax())][:, None]
+        best = iou.argmax(1)  # per prompt set
+        return all_logits[torch.arange(len(best)), best][:, None]
 
     def _embedding(self, model, image: StoredImage, slice_index: int) -> torch.Tensor:
         key = (image.key, slice_index)

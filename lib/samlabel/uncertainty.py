@@ -28,11 +28,12 @@ class EnsembleConfig:
 
 
 def sample_prompt_sets(first_mask: np.ndarray, points: np.ndarray, labels: np.ndarray, cell: float,
-                       config: EnsembleConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+                       config: EnsembleConfig, xy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """N prompt sets: (N, P, D) points in the model frame and (N, P) labels.
 
     first_mask: M0 on the low-res grid (bool, D axes); points/labels: the user's prompts
-    (P0, D) / (P0,) in the model frame; cell: model-frame pixels per low-res cell."""
+    (P0, D) / (P0,) in the model frame; cell: model-frame pixels per low-res cell; xy: 2D points
+    are (x, y) = (column, row) while the grid is (row, column)."""
     rng = np.random.default_rng(config.seed)
     interior = ndimage.binary_erosion(first_mask)
     interior = interior if interior.any() else first_mask
@@ -44,6 +45,7 @@ def sample_prompt_sets(first_mask: np.ndarray, points: np.ndarray, labels: np.nd
         for pool, count, label in pools:
             if len(pool) and count:
                 chosen = pool[rng.integers(0, len(pool), count)]
+                chosen = chosen[:, ::-1] if xy else chosen
                 member_points.append((chosen + 0.5) * cell - 0.5)  # cell centre in model pixels
                 member_labels.append(np.full(count, label))
         all_points.append(np.concatenate(member_points))
@@ -61,7 +63,8 @@ class SelfEnsemble:
     """Dictionary transform: from data["ensemble_decode"] (prompt sets -> (N, 1, *grid) logits, one
     batched decoder call on the cached embedding), data["ensemble_points"] / ["ensemble_labels"]
     (the user's prompts in the model frame) and data["ensemble_first_logits"] (M0's logits),
-    it adds data["ensemble_mean"] and data["ensemble_std"] on the low-res grid."""
+    it adds data["ensemble_mean"] and data["ensemble_std"] on the low-res grid. data["ensemble_xy"]:
+    2D points in (x, y) order."""
 
     def __init__(self, config: EnsembleConfig = EnsembleConfig()):
         self.config = config
@@ -71,6 +74,14 @@ class SelfEnsemble:
         first = data["ensemble_first_logits"]
         cell = data["ensemble_model_size"] / first.shape[-1]
         points, labels = sample_prompt_sets((first[0, 0] > 0).cpu().numpy(), data["ensemble_points"],
-                                            data["ensemble_labels"], cell, self.config)
+                                            data["ensemble_labels"], cell, self.config, xy=data.get("ensemble_xy", False))
         data["ensemble_mean"], data["ensemble_std"] = ensemble_statistics(decode(points, labels))
         return data
+
+
+def jittered_boxes(box: np.ndarray, config: EnsembleConfig, shift: float = 20.0) -> torch.Tensor:
+    """N boxes for a box-prompted model (MedSAM): each side moved out by up to `shift` model
+    pixels, as MedSAM's training jittered its boxes."""
+    rng = np.random.default_rng(config.seed)
+    grow = rng.uniform(0, shift, (config.size, 4)) * np.array([-1, -1, 1, 1])
+    return torch.from_numpy(box[None] + grow).float()

@@ -53,7 +53,7 @@ class ClickSegmentation(BasicInferTask):
         if missing_checkpoint_hint:
             description += f". UNAVAILABLE: {missing_checkpoint_hint}"
         config = {"reset_state": False}
-        if spec.dimension == 3:  # self-ensembling: the mean of N decoder runs; the JSON says where it is unsure
+        if not propagate:  # self-ensembling: the mean of N decoder runs; the JSON says where it is unsure
             config.update({"uncertainty": False, "ensemble_size": 8})
         super().__init__(path=None, network=None, type=InferType.DEEPGROW, labels=LABELS, dimension=3 if propagate else spec.dimension,
                          description=description, config=config)
@@ -84,7 +84,7 @@ class ClickSegmentation(BasicInferTask):
                 foreground, background = ([p for p in points if p[2] == start] for points in (foreground, background))
         if self.propagate:
             extra["seconds"] = self.propagation_seconds
-        elif self.segmenter.spec.dimension == 3 and strtobool(str(data.get("uncertainty", False))):
+        elif strtobool(str(data.get("uncertainty", False))):
             extra["ensemble"] = ensemble_config(data)
         segment = self.segmenter.propagate if self.propagate else self.segmenter.segment
         try:
@@ -95,7 +95,9 @@ class ClickSegmentation(BasicInferTask):
         except CheckpointError as error:
             raise HTTPException(status_code=503, detail=str(error)) from None
         logger.info(f"{self.segmenter.spec.name}: {result.info}")
-        self.segmenter.latest[key[:2]] = (key, foreground, background)  # for the uncertainty companion task
+        if not self.propagate:  # for the uncertainty companion task
+            slice_extra = {k: v for k, v in extra.items() if k in ("slice_index", "roi")}
+            self.segmenter.latest[key[:2]] = (key, foreground, background, slice_extra)
         data["pred"] = result.mask
         data["pred_meta_dict"] = {"affine": result.affine}
         data["result"] = result.info
@@ -123,7 +125,7 @@ BAND_EDGES = (0.1, 1 / 3, 2 / 3)  # fractions of the largest std: above each edg
 
 
 class UncertaintyBands(ClickSegmentation):
-    """Companion of a 3D click task, shown by the stock front ends as a segmentation model: the
+    """Companion of a click task, shown by the stock front ends as a segmentation model: the
     self-ensemble's std for the user's current interaction on the image, as three labelled bands
     (Slicer makes a segment per label name; OHIF colours label values). The JSON carries the
     summary and the suggested next click. Nothing of the interaction changes."""
@@ -141,10 +143,10 @@ class UncertaintyBands(ClickSegmentation):
         latest = self.segmenter.latest.get((data.get("client_id"), data.get("image_path")))
         if latest is None:
             raise HTTPException(status_code=400, detail=f"no clicks yet on this image: segment with {self.segmenter.spec.name} first")
-        key, foreground, background = latest
+        key, foreground, background, slice_extra = latest
         try:
             result = self.segmenter.segment(data["image_path"], foreground, background, key,
-                                            ensemble=ensemble_config(data), persist=False)
+                                            ensemble=ensemble_config(data), persist=False, **slice_extra)
         except InputError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         peak = float(result.uncertainty.max())
