@@ -290,6 +290,15 @@ def test_uncertainty_through_the_server(server, click_studies, tmp_path):
     ijk = np.argwhere(values > 0)
     affine = phantom_copies()[name][1]
     assert mask_inside_window(ijk, affine, params["window_affine"], params["window_size"])  # members agree outside
+    stored = params["uncertainty_map"]  # the float std map, in the datastore next to the image
+    assert stored == {"image": name, "tag": "fastsam3d_uncertainty"}
+    label = requests.get(f"{server.url}/datastore/label", params={"label": name, "tag": stored["tag"]}, timeout=30)
+    assert label.status_code == 200
+    (tmp_path / "std.nii.gz").write_bytes(label.content)
+    float_map = nib.load(str(tmp_path / "std.nii.gz"))
+    assert np.allclose(float_map.affine, affine, atol=1e-4) and float_map.get_data_dtype() == np.float32
+    std = np.asarray(float_map.dataobj)
+    assert std.max() == pytest.approx(params["uncertainty_max"], rel=1e-5) and (std[values == 0] <= params["band_edges_std"][0] + 1e-6).all()
     nobody = requests.post(f"{server.url}/infer/fastsam3d_uncertainty", params={"image": name},
                            files={"params": (None, json.dumps({"client_id": "never-clicked"}))}, timeout=TIMEOUT)
     assert nobody.status_code == 400 and "no clicks yet" in nobody.json()["detail"]

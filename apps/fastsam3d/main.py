@@ -22,6 +22,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -31,7 +32,7 @@ from samlabel.checkpoint import CheckpointError, find_checkpoint
 from samlabel.engine import ClickSegmenter3D, ImageCache
 from samlabel.registry import MODELS, get_spec
 from samlabel.slices import SliceSegmenter
-from samlabel.tasks.clicks import ClickSegmentation, UncertaintyBands
+from samlabel.tasks.clicks import UNCERTAINTY_MAP_KEY, ClickSegmentation, UncertaintyBands
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,23 @@ class FastSAM3DApp(MONAILabelApp):
         return infers
 
     def infer(self, request, datastore=None):
-        """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message."""
+        """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message; an
+        uncertainty task's float map is stored in the datastore next to the image."""
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
         except MONAILabelException as error:
             status = 400 if error.error == MONAILabelError.INVALID_INPUT else 500
             raise HTTPException(status_code=status, detail=error.msg) from None
+        float_map = (result.get("params") or {}).pop(UNCERTAINTY_MAP_KEY, None)
+        if float_map:
+            store = datastore or self.datastore()
+            image = request.get("image")
+            if isinstance(store, LocalDatastore) and image and not os.path.exists(image):  # a datastore id, not a session
+                tag = request["model"]  # e.g. fastsam3d_uncertainty
+                store.save_label(image, float_map, tag, {"model": request["model"], "kind": "ensemble std"})
+                result["params"]["uncertainty_map"] = {"image": image, "tag": tag}
+            os.remove(float_map)
+        return result
 
 
 def warm_up_writer():

@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 
+import nibabel as nib
 import numpy as np
 
 
@@ -120,6 +121,7 @@ def ensemble_config(data) -> EnsembleConfig:
     return EnsembleConfig(size=size)
 
 
+UNCERTAINTY_MAP_KEY = "uncertainty_map_file"  # the float std map, for the app to store next to the image
 UNCERTAINTY_BANDS = {"uncertainty low": 1, "uncertainty medium": 2, "uncertainty high": 3}
 BAND_EDGES = (0.1, 1 / 3, 2 / 3)  # fractions of the largest std: above each edge, the next band
 
@@ -153,7 +155,10 @@ class UncertaintyBands(ClickSegmentation):
         bands = np.zeros(result.uncertainty.shape, dtype=np.uint8, order="F")
         for value, edge in enumerate(BAND_EDGES, start=1):
             bands[result.uncertainty > edge * peak] = value
+        float_map = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        nib.save(nib.Nifti1Image(result.uncertainty, result.affine), float_map)  # the app stores it in the datastore
         data["pred"] = bands
         data["pred_meta_dict"] = {"affine": result.affine}
-        data["result"] = {**result.info, "band_edges_std": [edge * peak for edge in BAND_EDGES]}
+        data["result"] = {**result.info, "band_edges_std": [edge * peak for edge in BAND_EDGES],
+                          UNCERTAINTY_MAP_KEY: float_map}
         return data
