@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .registry import MODELS, ModelSpec
+from .registry import ModelSpec
 
 try:
     from numpy._core.multiarray import scalar as numpy_scalar
@@ -124,15 +124,6 @@ def load_model(spec: ModelSpec, path, device="cpu") -> nn.Module:
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
-
-
-def identify(state: Mapping[str, torch.Tensor]):
-    """Registered models ordered by how well `state` fits them: [(spec, number of mismatches)]."""
-    scores = []
-    for spec in MODELS.values():
-        missing, unexpected, wrong = mismatches(state, expected_shapes(spec))
-        scores.append((spec, len(missing) + len(unexpected) + len(wrong)))
-    return sorted(scores, key=lambda item: item[1])
 
 
 def find_checkpoint(spec: ModelSpec, model_dir, conf: Optional[Mapping[str, str]] = None) -> Path:

@@ -56,11 +56,6 @@ class LRUCache:
                 _, evicted = self._items.popitem(last=False)
                 self._total -= self.cost(evicted)
 
-    def pop(self, key) -> None:
-        with self._lock:
-            if key in self._items:
-                self._total -= self.cost(self._items.pop(key))
-
     def __len__(self) -> int:
         return len(self._items)
 
