@@ -8,10 +8,8 @@ back only (normal), or N decoder runs in one batch + statistics + the std map (e
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,19 +19,10 @@ from samlabel.engine import ClickSegmenter3D, ImageCache
 from samlabel.registry import get_spec
 from samlabel.seeded import seeded_state_dict, training_checkpoint
 from samlabel.uncertainty import EnsembleConfig
+from bench_networks import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import sample_studies  # noqa: E402
-
-
-def median_seconds(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
