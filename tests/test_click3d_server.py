@@ -5,7 +5,6 @@ back with SimpleITK and nibabel."""
 import json
 from email.parser import BytesParser
 from email.policy import default as email_policy
-from pathlib import Path
 
 import nibabel as nib
 import nrrd

@@ -10,7 +10,6 @@ Conventions (nibabel): an affine maps the voxel index (i, j, k) of an array, in 
 order, to RAS millimetres; voxel centres sit at integer indices.
 """
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch

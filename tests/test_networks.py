@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from samlabel import attention as attention_module
 from samlabel.modeling import build_fastsam3d, build_medsam, build_sam_med2d, build_sam_med3d_turbo
 from samlabel.predictor import SamPredictor3D
 from samlabel.seeded import seeded_state_dict, seeded_volume

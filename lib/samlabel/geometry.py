@@ -16,7 +16,6 @@ from typing import Optional, Tuple
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class SliceSegmenter:
         self.spec, self.checkpoint, self.images, self.device = spec, checkpoint, images, device
         self.embeddings = LRUCache(embeddings)
         self.interactions = LRUCache(interactions)
-        self.windows: Dict[Hashable, Tuple[float, float]] = {}
+        self.windows = LRUCache(256)  # image key -> its 0-255 intensity window
         self.encoder_runs = 0
         self.latest: Dict = {}  # (client_id, image) -> the latest interaction's (key, foreground, background)
         self._model = None
@@ -249,9 +249,9 @@ class SliceSegmenter:
         key = (image.key, slice_index)
         embedding = self.embeddings.get(key)
         if embedding is None:
-            if image.key not in self.windows:
-                self.windows[image.key] = intensity_window(image)
-            low, high = self.windows[image.key]
+            if self.windows.get(image.key) is None:
+                self.windows.put(image.key, intensity_window(image))
+            low, high = self.windows.get(image.key)
             slice_255 = to_uint8_range(image.array[:, :, slice_index].T, (low, high), keep_zero=(low, high) != (-160.0, 240.0))
             with torch.inference_mode():
                 embedding = model.image_encoder(PREPROCESS[self.spec.preprocess](slice_255).to(self.device))

@@ -2,7 +2,6 @@
 
 from typing import Tuple
 
-import torch
 from torch import Tensor, nn
 
 from ..attention import attention
