@@ -20,7 +20,10 @@ PORT ?= 8000
 # Extra server options, e.g. make serve CONF="--conf models fastsam3d"
 CONF ?=
 
-.PHONY: .venv test serve studies clean
+# Debian packages of the front-end tests: OHIF runs in Chromium on an Orthanc DICOMweb store.
+SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2
+
+.PHONY: .venv test serve serve-dicomweb studies system-packages clean
 
 .venv: $(STAMP)
 
@@ -31,8 +34,15 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(PIP) install --progress-bar off --no-deps -e .
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(PY) -m pytest tests -q
+
+# Installed where apt-get can (as root, e.g. CI); elsewhere the OHIF tests skip and say why.
+system-packages:
+	@if command -v chromium >/dev/null && test -x /usr/sbin/Orthanc && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "note: install $(SYSTEM_PACKAGES) (Debian) for the OHIF end-to-end tests; they are skipped without them"; fi
 
 studies: $(STAMP)
 	$(PY) scripts/sample_studies.py $(SAMPLE_STUDIES)
@@ -45,5 +55,12 @@ endif
 	  $(VENV)/bin/monailabel start_server --app $(APP) --studies $(STUDIES) \
 	  --host $(HOST) --port $(PORT) $(CONF)
 
+# The app on a DICOMweb store: Orthanc on loopback with the synthetic CT series (scripts/dicomweb_store.py).
+serve-dicomweb: $(STAMP) system-packages
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" \
+	  $(PY) scripts/dicomweb_store.py --work-dir dicomweb-store -- \
+	  $(VENV)/bin/monailabel start_server --app $(APP) --studies http://127.0.0.1:8042/dicom-web \
+	  --host $(HOST) --port $(PORT) $(CONF)
+
 clean:
-	rm -rf $(VENV) $(SAMPLE_STUDIES) .pytest_cache
+	rm -rf $(VENV) $(SAMPLE_STUDIES) dicomweb-store test-artifacts .pytest_cache

@@ -1,0 +1,242 @@
+"""OHIF end to end: the viewer shipped in the monailabel wheel, in headless Chromium, on our app
+whose datastore is a real Orthanc DICOMweb server holding an oblique, anisotropic CT series.
+
+A user's path: open the study in OHIF's MONAI Label mode, connect, pick a model and a segment,
+click a voxel off-centre in all three axes, press Run; then read the labelmap OHIF holds. The
+`click_marker` test double (tests/marker_app) marks a ball around the click through our real
+window/resampling code, so its labelmap must be centred on the clicked voxel. Screenshots,
+the console and the measured times go to test-artifacts/ohif/.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import REPO_ROOT, _free_port
+from ohif import OhifSession, browser_missing
+from test_click3d_server import checkpoints  # noqa: F401 - fixture
+from test_slices_server import slice_checkpoints  # noqa: F401 - fixture
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from dicomweb_store import OrthancStore, orthanc_missing  # noqa: E402
+
+MARKER_APP = REPO_ROOT / "tests" / "marker_app"
+_spec = importlib.util.spec_from_file_location("marker_app", MARKER_APP / "main.py")
+marker_app = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(marker_app)
+
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "ohif"
+POINT_PROMPTS, AUTO_SEGMENTATION = "Point Prompts", "Auto-Segmentation"
+POINT_DONE = "Running Inference for Point Prompts - Successful"
+AUTO_DONE = "Running Segmentation - Successful"
+CLICK = (65, 90, 18)  # off-centre in i, j and k (the series is 171 x 143 x 57), inside the body
+WINDOW_HALF_MM = 64 * 1.5  # the 3D models see 128^3 voxels of 1.5 mm centred on the click
+
+pytestmark = pytest.mark.skipif(bool(browser_missing() or orthanc_missing()),
+                                reason=f"OHIF end-to-end needs Chromium and Orthanc: {browser_missing() or orthanc_missing()}"
+                                       " (make test installs them where apt-get can)")
+
+
+@pytest.fixture(scope="module")
+def dicomweb(tmp_path_factory, sample_studies_module):
+    """Orthanc on loopback holding the DICOM CT series: (store, StudyInstanceUID, SeriesInstanceUID)."""
+    work = tmp_path_factory.mktemp("orthanc")
+    store = OrthancStore(work, _free_port()).start()
+    try:
+        study, series = sample_studies_module.write_ct_dicom(work / "series")
+        assert store.upload(work / "series") == sample_studies_module.DICOM_CT.shape[2]
+        yield store, study, series
+    finally:
+        store.stop()
+
+
+@pytest.fixture(scope="module")
+def server(monailabel_server, dicomweb, checkpoints, slice_checkpoints, tmp_path_factory):  # noqa: F811
+    marker = tmp_path_factory.mktemp("marker") / "click_marker.pth"
+    marker_app.write_checkpoint(marker)
+    conf = {"models": "click_marker,fastsam3d,sam_med3d,sam_med2d", "click_marker_checkpoint": marker,
+            "fastsam3d_checkpoint": checkpoints["fastsam3d"], "sam_med3d_checkpoint": checkpoints["sam_med3d"],
+            "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
+    return monailabel_server(conf=conf, studies=dicomweb[0].url, app_dir=MARKER_APP)
+
+
+@pytest.fixture(scope="module")
+def ohif(server, dicomweb):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with OhifSession(server.url, ARTIFACTS) as session:
+        session.open_study(dicomweb[1])
+        session.screenshot("00-study-open")
+        yield session
+        (ARTIFACTS / "console.json").write_text(json.dumps(session.console, indent=1))
+
+
+@pytest.fixture(scope="module")
+def timings():
+    measured = {}
+    yield measured
+    (ARTIFACTS / "timings.json").write_text(json.dumps(measured, indent=1))
+
+
+def sent_clicks(session: OhifSession) -> dict:
+    """The params of the newest infer request the page sent."""
+    body = session.infer_requests[-1]["body"]
+    return json.loads(re.search(r"\r\n\r\n(\{.*\})\r\n", body, re.S).group(1))
+
+
+def geometry(dicomweb) -> np.ndarray:
+    """Voxel spacing (mm) of the series along i, j, k, as Orthanc serves it."""
+    store, study, series = dicomweb
+    instance = requests.get(f"{store.url}/studies/{study}/series/{series}/metadata",
+                            headers={"Accept": "application/dicom+json"}, timeout=30).json()[0]
+    rows_spacing, columns_spacing = instance["00280030"]["Value"]
+    return np.array([columns_spacing, rows_spacing, instance["00180050"]["Value"][0]], dtype=float)
+
+
+def assert_inside_window(labelmap: dict, click, spacing: np.ndarray):
+    """Every labelled voxel lies within the 3D model's window, which is centred on the click."""
+    for low, high, centre, mm in zip(labelmap["min"], labelmap["max"], click, spacing):
+        assert (centre - low) * mm <= WINDOW_HALF_MM + mm and (high - centre) * mm <= WINDOW_HALF_MM + mm, labelmap
+
+
+def test_study_opens_in_monai_label_mode_from_dicomweb(ohif, server, dicomweb):
+    _store, study, series = dicomweb
+    assert f"/ohif/monai-label?StudyInstanceUIDs={study}" in ohif.page.url
+    assert ohif.image_dimensions() == [171, 143, 57]
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert info["datastore"]["total"] == 1
+    assert requests.post(f"{server.url}/activelearning/random", timeout=60).json()["id"] == series
+
+
+def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb):
+    ohif.choose(POINT_PROMPTS, "click_marker", "segment")
+    clicked = np.array(ohif.click_voxel(CLICK))
+    ohif.screenshot("01-click-marker-point")
+    ohif.run("click_marker", POINT_DONE)
+    ohif.screenshot("02-click-marker-result")
+
+    sent = sent_clicks(ohif)
+    assert "label" not in sent and "client_id" not in sent  # OHIF's request, as the app must take it
+    assert sent["foreground"] == [np.round(clicked).astype(int).tolist()]
+    assert np.all(np.abs(clicked - CLICK) <= 1.0)  # the click landed on (or next to) the voxel aimed at
+    labelmap = ohif.labelmap()
+    assert labelmap["values"].keys() == {"1"} and labelmap["count"] > 100
+    centroid = np.array(labelmap["centroid"])
+    assert np.all(np.abs(centroid - clicked) <= 0.5), (centroid, clicked)  # centred on the click
+    assert np.all(np.abs(centroid - sent["foreground"][0]) < 0.05), (centroid, sent)
+    # a ball of RADIUS model voxels (1.5 mm): its extent in voxels along each axis
+    half_extent = (np.array(labelmap["max"]) - np.array(labelmap["min"])) / 2
+    np.testing.assert_allclose(half_extent * geometry(dicomweb), marker_app.RADIUS * 1.5, atol=geometry(dicomweb).max())
+    assert f"'model': 'click_marker', 'image': '{dicomweb[2]}'" in server.log()
+
+
+def test_fastsam3d_and_its_second_click(ohif, dicomweb, timings):
+    ohif.choose(POINT_PROMPTS, "fastsam3d", "segment")
+    ohif.clear_points()
+    clicked = ohif.click_voxel(CLICK)
+    timings["fastsam3d_first_click_s"] = ohif.run("fastsam3d", POINT_DONE)
+    first = ohif.labelmap()
+    assert first["count"] > 0 and first["values"].keys() == {"1"}
+    assert_inside_window(first, np.round(clicked), geometry(dicomweb))
+
+    second = (CLICK[0] + 4, CLICK[1] - 3, CLICK[2] + 1)
+    ohif.click_voxel(second)
+    timings["fastsam3d_second_click_s"] = ohif.run("fastsam3d", POINT_DONE)
+    ohif.screenshot("04-fastsam3d-two-clicks")
+    assert len(sent_clicks(ohif)["foreground"]) == 2  # the full click history
+    labelmap = ohif.labelmap()
+    assert labelmap["count"] > 0
+    assert_inside_window(labelmap, np.round(clicked), geometry(dicomweb))
+
+
+def test_sam_med3d(ohif, dicomweb, timings):
+    ohif.choose(POINT_PROMPTS, "sam_med3d", "segment")
+    ohif.clear_points()
+    clicked = ohif.click_voxel(CLICK)
+    timings["sam_med3d_first_click_s"] = ohif.run("sam_med3d", POINT_DONE)
+    ohif.screenshot("05-sam-med3d")
+    labelmap = ohif.labelmap()
+    assert labelmap["count"] > 0 and labelmap["values"].keys() == {"1"}
+    assert len(labelmap["slices"]) > 1  # a 3D result
+    assert_inside_window(labelmap, np.round(clicked), geometry(dicomweb))
+
+
+def test_sam_med2d_fills_the_clicked_slice(ohif, timings):
+    """OHIF sends no `slice`: the app takes it from the clicks; OHIF replaces that k plane only."""
+    ohif.choose(POINT_PROMPTS, "sam_med2d", "segment")
+    ohif.clear_points()
+    before = ohif.labelmap()
+    ohif.click_voxel(CLICK)
+    timings["sam_med2d_first_click_s"] = ohif.run("sam_med2d", POINT_DONE)
+    ohif.screenshot("06-sam-med2d")
+    k = str(sent_clicks(ohif)["foreground"][-1][2])
+    assert "slice" not in sent_clicks(ohif)
+    after = ohif.labelmap()
+    assert after["slices"].get(k, 0) > 0
+    assert {s: n for s, n in after["slices"].items() if s != k} == {s: n for s, n in before["slices"].items() if s != k}
+
+
+def test_uncertainty_bands_are_shown(ohif, dicomweb):
+    """The companion segmentation task for the click_marker interaction above: the ensemble's
+    disagreement as labelled bands, a shell around the marked ball. (OHIF replaces the whole
+    labelmap with a segmentation model's result, and keeps those voxels from later point prompts.)"""
+    ohif.choose(AUTO_SEGMENTATION, "click_marker_uncertainty")
+    ohif.run("click_marker_uncertainty", AUTO_DONE)
+    ohif.page.wait_for_timeout(500)
+    ohif.screenshot("07-uncertainty-bands")
+    labelmap = ohif.labelmap()
+    # OHIF's segments: 1 "segment", then the bands 2 low, 3 medium, 4 high (the labels of /info/)
+    assert labelmap["count"] > 0 and set(labelmap["values"]) <= {"2", "3", "4"} and "4" in labelmap["values"]
+    spacing = geometry(dicomweb)
+    assert_inside_window(labelmap, CLICK, spacing)
+    # around the ball: members' balls are centred within the first ball, so they reach < 3 radii
+    reach_mm = (np.maximum(np.abs(np.array(labelmap["min"]) - CLICK), np.abs(np.array(labelmap["max"]) - CLICK)) * spacing)
+    assert np.all(reach_mm < 3 * marker_app.RADIUS * 1.5), reach_mm
+
+
+def test_uncertainty_float_map_is_kept_beside_the_dicom_series(server, dicomweb, tmp_path):
+    """With a DICOMweb datastore the float std map of the run above is kept in the server's
+    cache of the series (only `final` labels go to the DICOM server, as DICOM SEG)."""
+    import nibabel as nib
+
+    label = requests.get(f"{server.url}/datastore/label", timeout=30,
+                         params={"label": dicomweb[2], "tag": "click_marker_uncertainty"})
+    assert label.status_code == 200
+    (tmp_path / "std.nii.gz").write_bytes(label.content)
+    std = nib.load(tmp_path / "std.nii.gz")
+    assert std.shape == (171, 143, 57) and std.get_data_dtype() == np.float32 and np.asarray(std.dataobj).max() > 0
+
+
+def test_page_had_no_errors(ohif):
+    """Uncaught page errors fail; console errors may only be the refused web fonts and the
+    training-status poll (the app has no trainers)."""
+    assert ohif.page_errors == []
+    for message in ohif.console:
+        if message["type"] == "error":
+            assert ("ERR_FAILED" in message["text"] or "404" in message["text"]), message
+
+
+def test_a_label_is_saved_back_as_dicom_seg(server, dicomweb, tmp_path):
+    """MONAI Label stores a submitted label in a DICOMweb datastore as DICOM SEG (dcmqi)."""
+    import nibabel as nib
+
+    store, _study, series = dicomweb
+    image = requests.get(f"{server.url}/datastore/image", params={"image": series}, timeout=120)
+    assert image.status_code == 200
+    (tmp_path / "image.nii.gz").write_bytes(image.content)
+    reference = nib.load(tmp_path / "image.nii.gz")
+    label = np.zeros(reference.shape, np.uint8)
+    label[60:70, 85:95, 15:20] = 1
+    nib.save(nib.Nifti1Image(label, reference.affine), tmp_path / "label.nii.gz")
+    with open(tmp_path / "label.nii.gz", "rb") as f:
+        response = requests.put(f"{server.url}/datastore/label", params={"image": series, "tag": "final"},
+                                files={"label": ("label.nii.gz", f)}, timeout=300)
+    assert response.status_code == 200, response.text
+    modalities = [s["00080060"]["Value"][0] for s in store.series()]
+    assert sorted(modalities) == ["CT", "SEG"]
