@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from dicomweb_store import OrthancStore, orthanc_missing  # noqa: E402
 
 MARKER_APP = REPO_ROOT / "tests" / "marker_app"
-_spec = importlib.util.spec_from_file_location("marker_app", MARKER_APP / "main.py")
+_spec = importlib.util.spec_from_file_location("click_marker", MARKER_APP / "click_marker.py")
 marker_app = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(marker_app)
 

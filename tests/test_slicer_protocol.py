@@ -28,7 +28,7 @@ from conftest import REPO_ROOT
 from test_slices_server import slice_checkpoints  # noqa: F401 - fixture
 
 MARKER_APP = REPO_ROOT / "tests" / "marker_app"
-_spec = importlib.util.spec_from_file_location("marker_app", MARKER_APP / "main.py")
+_spec = importlib.util.spec_from_file_location("click_marker", MARKER_APP / "click_marker.py")
 marker_app = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(marker_app)
 
