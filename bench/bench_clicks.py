@@ -31,7 +31,7 @@ import torch
 
 from samlabel.checkpoint import expected_shapes
 from samlabel.registry import get_spec
-from samlabel.seeded import seeded_state_dict, training_checkpoint
+from samlabel.seeded import save_in_official_layout, seeded_state_dict
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "fastsam3d"
 SHAPE = (512, 512, 300)
@@ -122,7 +122,7 @@ def main():
         for name in models:
             spec = get_spec(name)
             path = work / spec.checkpoint_file
-            torch.save(training_checkpoint(seeded_state_dict(expected_shapes(spec), 0)), path)
+            save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), 0), path)
             conf[f"{name}_checkpoint"] = path
         proc, url = start_server(studies, conf, work)
         rows = []

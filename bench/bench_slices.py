@@ -27,7 +27,7 @@ import torch
 from bench_clicks import click, make_ct, start_server
 from samlabel.checkpoint import expected_shapes
 from samlabel.registry import get_spec
-from samlabel.seeded import seeded_state_dict
+from samlabel.seeded import save_in_official_layout, seeded_state_dict
 
 SLICE = 150
 
@@ -98,7 +98,7 @@ def main():
             spec = get_spec(name)
             states[name] = seeded_state_dict(expected_shapes(spec), 0)
             path = work / spec.checkpoint_file
-            torch.save(states[name] if spec.checkpoint_key is None else {spec.checkpoint_key: states[name]}, path)
+            save_in_official_layout(spec, states[name], path)
             conf[f"{name}_checkpoint"] = path
         proc, url = start_server(studies, conf, work)
         rows = []

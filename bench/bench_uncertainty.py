@@ -17,7 +17,7 @@ import torch
 from samlabel.checkpoint import expected_shapes
 from samlabel.engine import ClickSegmenter3D, ImageCache
 from samlabel.registry import get_spec
-from samlabel.seeded import seeded_state_dict, training_checkpoint
+from samlabel.seeded import save_in_official_layout, seeded_state_dict
 from samlabel.uncertainty import EnsembleConfig
 from bench_networks import median_seconds
 
@@ -42,7 +42,7 @@ def main():
         for name in args.models.split(","):
             spec = get_spec(name)
             checkpoint = Path(tmp) / spec.checkpoint_file
-            torch.save(training_checkpoint(seeded_state_dict(expected_shapes(spec), 0)), checkpoint)
+            save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), 0), checkpoint)
             engine = ClickSegmenter3D(spec, checkpoint, ImageCache())
             clicks = [[85, 71, 28]]
             engine.segment(str(ct), clicks, [], "user")  # encodes the window once

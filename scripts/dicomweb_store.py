@@ -151,22 +151,37 @@ class OrthancStore:
         return response.json()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)  # a restart before it exits finds its database locked
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
+        if self.proc is not None:
+            stop_process_group(self.proc)  # waits: a restart before it exits finds its database locked
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+
+def read_log(path) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """End a process started with start_new_session and everything it started: SIGTERM to its
+    group, SIGKILL if it has not exited after timeout_s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout_s)
 
 
 def _forward(listener: socket.socket, namespace: str, port: int) -> None:

@@ -5,11 +5,14 @@ arguments, for the whole session) a real server on 127.0.0.1 with a free port, w
 ``/info/`` and returns a ``Server`` (``.url``, ``.log_path``, ``.log()``). Every server is
 terminated at the end of the session; the tail of every running server's log is attached
 to the report of a failing test.
+
+Seeded full-size checkpoints in the official layouts: ``checkpoints`` (FastSAM3D, SAM-Med3D),
+``slice_checkpoints`` (MedSAM, SAM-Med2D) and ``click_marker_checkpoint`` (the test double that
+tests/marker_app serves).
 """
 
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +23,10 @@ from typing import Dict, Optional
 
 import pytest
 import requests
+
+from samlabel.checkpoint import expected_shapes
+from samlabel.registry import get_spec
+from samlabel.seeded import save_in_official_layout, seeded_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "fastsam3d"
@@ -49,12 +56,20 @@ sys.addaudithook(_samlabel_test_network_hook)
 _running_servers: list = []
 
 
-def load_sample_studies_module():
-    """Import scripts/sample_studies.py (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location("sample_studies", SAMPLE_STUDIES_SCRIPT)
+def load_module(path: Path):
+    """Import a file that is not in a package (scripts/, tests/marker_app/) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_sample_studies_module():
+    return load_module(SAMPLE_STUDIES_SCRIPT)
+
+
+dicomweb_store = load_module(REPO_ROOT / "scripts" / "dicomweb_store.py")
+click_marker = load_module(REPO_ROOT / "tests" / "marker_app" / "click_marker.py")  # registers nothing
 
 
 @pytest.fixture(scope="session")
@@ -84,23 +99,10 @@ class Server:
     args: list
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return dicomweb_store.read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            # The server runs in its own session: signal its whole process group.
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
+        dicomweb_store.stop_process_group(self.proc)  # it runs in its own session
 
 
 def start_server(
@@ -173,6 +175,36 @@ def monailabel_server(tmp_path_factory, sample_studies_dir):
         for server in servers.values():
             server.stop()
             _running_servers.remove(server)
+
+
+def write_seeded_checkpoints(folder: Path, seeds: Dict[str, int]) -> Dict[str, Path]:
+    """Seeded full-size checkpoints, each with its official file name and layout."""
+    paths = {}
+    for name, seed in seeds.items():
+        spec = get_spec(name)
+        paths[name] = folder / spec.checkpoint_file
+        save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), seed), paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> Dict[str, Path]:
+    """FastSAM3D and SAM-Med3D (the official training-script layout)."""
+    return write_seeded_checkpoints(tmp_path_factory.mktemp("checkpoints"), {"fastsam3d": 11, "sam_med3d": 12})
+
+
+@pytest.fixture(scope="session")
+def slice_checkpoints(tmp_path_factory) -> Dict[str, Path]:
+    """MedSAM (bare state dict) and SAM-Med2D (under 'model')."""
+    return write_seeded_checkpoints(tmp_path_factory.mktemp("checkpoints-2d"), {"medsam": 21, "sam_med2d": 22})
+
+
+@pytest.fixture(scope="session")
+def click_marker_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint of the test-double model served by tests/marker_app."""
+    path = tmp_path_factory.mktemp("marker") / "click_marker.pth"
+    click_marker.write_checkpoint(path)
+    return path
 
 
 @pytest.fixture(scope="session")

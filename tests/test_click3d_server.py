@@ -12,11 +12,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-import torch
 
-from samlabel.checkpoint import expected_shapes
-from samlabel.registry import get_spec
-from samlabel.seeded import seeded_state_dict, training_checkpoint
 
 PHANTOM_SHAPE = (61, 53, 41)
 PHANTOM_SPACING = (1.2, 0.9, 2.0)
@@ -68,18 +64,6 @@ def click_studies(tmp_path_factory, sample_studies_module):
     save_nifti(nan_volume, np.eye(4), folder / "has_nan.nii.gz")
     (folder / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file" * 10)
     return folder
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    """Seeded full-size checkpoints in the official training-script format."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    paths = {}
-    for name, seed in (("fastsam3d", 11), ("sam_med3d", 12)):
-        spec = get_spec(name)
-        paths[name] = folder / spec.checkpoint_file
-        torch.save(training_checkpoint(seeded_state_dict(expected_shapes(spec), seed)), paths[name])
-    return paths
 
 
 @pytest.fixture(scope="session")

@@ -8,29 +8,17 @@ window/resampling code, so its labelmap must be centred on the clicked voxel. Sc
 the console and the measured times go to test-artifacts/ohif/.
 """
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-import torch
 
-from conftest import REPO_ROOT, _free_port
+from conftest import REPO_ROOT, _free_port, click_marker, dicomweb_store
 from ohif import OhifSession, browser_missing
-from test_click3d_server import checkpoints  # noqa: F401 - fixture
-from test_slices_server import slice_checkpoints  # noqa: F401 - fixture
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from dicomweb_store import OrthancStore, orthanc_missing  # noqa: E402
 
 MARKER_APP = REPO_ROOT / "tests" / "marker_app"
-_spec = importlib.util.spec_from_file_location("click_marker", MARKER_APP / "click_marker.py")
-marker_app = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(marker_app)
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "ohif"
 POINT_PROMPTS, AUTO_SEGMENTATION = "Point Prompts", "Auto-Segmentation"
@@ -39,8 +27,8 @@ AUTO_DONE = "Running Segmentation - Successful"
 CLICK = (65, 90, 18)  # off-centre in i, j and k (the series is 171 x 143 x 57), inside the body
 WINDOW_HALF_MM = 64 * 1.5  # the 3D models see 128^3 voxels of 1.5 mm centred on the click
 
-pytestmark = pytest.mark.skipif(bool(browser_missing() or orthanc_missing()),
-                                reason=f"OHIF end-to-end needs Chromium and Orthanc: {browser_missing() or orthanc_missing()}"
+MISSING = browser_missing() or dicomweb_store.orthanc_missing()
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"OHIF end-to-end needs Chromium and Orthanc: {MISSING}"
                                        " (make test installs them where apt-get can)")
 
 
@@ -48,7 +36,7 @@ pytestmark = pytest.mark.skipif(bool(browser_missing() or orthanc_missing()),
 def dicomweb(tmp_path_factory, sample_studies_module):
     """Orthanc on loopback holding the DICOM CT series: (store, StudyInstanceUID, SeriesInstanceUID)."""
     work = tmp_path_factory.mktemp("orthanc")
-    store = OrthancStore(work, _free_port()).start()
+    store = dicomweb_store.OrthancStore(work, _free_port()).start()
     try:
         study, series = sample_studies_module.write_ct_dicom(work / "series")
         assert store.upload(work / "series") == sample_studies_module.DICOM_CT.shape[2]
@@ -58,10 +46,8 @@ def dicomweb(tmp_path_factory, sample_studies_module):
 
 
 @pytest.fixture(scope="module")
-def server(monailabel_server, dicomweb, checkpoints, slice_checkpoints, tmp_path_factory):  # noqa: F811
-    marker = tmp_path_factory.mktemp("marker") / "click_marker.pth"
-    marker_app.write_checkpoint(marker)
-    conf = {"models": "click_marker,fastsam3d,sam_med3d,sam_med2d", "click_marker_checkpoint": marker,
+def server(monailabel_server, dicomweb, checkpoints, slice_checkpoints, click_marker_checkpoint):
+    conf = {"models": "click_marker,fastsam3d,sam_med3d,sam_med2d", "click_marker_checkpoint": click_marker_checkpoint,
             "fastsam3d_checkpoint": checkpoints["fastsam3d"], "sam_med3d_checkpoint": checkpoints["sam_med3d"],
             "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
     return monailabel_server(conf=conf, studies=dicomweb[0].url, app_dir=MARKER_APP)
@@ -90,7 +76,8 @@ def sent_clicks(session: OhifSession) -> dict:
     return json.loads(re.search(r"\r\n\r\n(\{.*\})\r\n", body, re.S).group(1))
 
 
-def geometry(dicomweb) -> np.ndarray:
+@pytest.fixture(scope="module")
+def spacing(dicomweb) -> np.ndarray:
     """Voxel spacing (mm) of the series along i, j, k, as Orthanc serves it."""
     store, study, series = dicomweb
     instance = requests.get(f"{store.url}/studies/{study}/series/{series}/metadata",
@@ -114,7 +101,7 @@ def test_study_opens_in_monai_label_mode_from_dicomweb(ohif, server, dicomweb):
     assert requests.post(f"{server.url}/activelearning/random", timeout=60).json()["id"] == series
 
 
-def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb):
+def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb, spacing):
     ohif.choose(POINT_PROMPTS, "click_marker", "segment")
     clicked = np.array(ohif.click_voxel(CLICK))
     ohif.screenshot("01-click-marker-point")
@@ -132,18 +119,18 @@ def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb):
     assert np.all(np.abs(centroid - sent["foreground"][0]) < 0.05), (centroid, sent)
     # a ball of RADIUS model voxels (1.5 mm): its extent in voxels along each axis
     half_extent = (np.array(labelmap["max"]) - np.array(labelmap["min"])) / 2
-    np.testing.assert_allclose(half_extent * geometry(dicomweb), marker_app.RADIUS * 1.5, atol=geometry(dicomweb).max())
+    np.testing.assert_allclose(half_extent * spacing, click_marker.RADIUS * 1.5, atol=spacing.max())
     assert f"'model': 'click_marker', 'image': '{dicomweb[2]}'" in server.log()
 
 
-def test_fastsam3d_and_its_second_click(ohif, dicomweb, timings):
+def test_fastsam3d_and_its_second_click(ohif, spacing, timings):
     ohif.choose(POINT_PROMPTS, "fastsam3d", "segment")
     ohif.clear_points()
     clicked = ohif.click_voxel(CLICK)
     timings["fastsam3d_first_click_s"] = ohif.run("fastsam3d", POINT_DONE)
     first = ohif.labelmap()
     assert first["count"] > 0 and first["values"].keys() == {"1"}
-    assert_inside_window(first, np.round(clicked), geometry(dicomweb))
+    assert_inside_window(first, np.round(clicked), spacing)
 
     second = (CLICK[0] + 4, CLICK[1] - 3, CLICK[2] + 1)
     ohif.click_voxel(second)
@@ -152,10 +139,10 @@ def test_fastsam3d_and_its_second_click(ohif, dicomweb, timings):
     assert len(sent_clicks(ohif)["foreground"]) == 2  # the full click history
     labelmap = ohif.labelmap()
     assert labelmap["count"] > 0
-    assert_inside_window(labelmap, np.round(clicked), geometry(dicomweb))
+    assert_inside_window(labelmap, np.round(clicked), spacing)
 
 
-def test_sam_med3d(ohif, dicomweb, timings):
+def test_sam_med3d(ohif, spacing, timings):
     ohif.choose(POINT_PROMPTS, "sam_med3d", "segment")
     ohif.clear_points()
     clicked = ohif.click_voxel(CLICK)
@@ -164,7 +151,7 @@ def test_sam_med3d(ohif, dicomweb, timings):
     labelmap = ohif.labelmap()
     assert labelmap["count"] > 0 and labelmap["values"].keys() == {"1"}
     assert len(labelmap["slices"]) > 1  # a 3D result
-    assert_inside_window(labelmap, np.round(clicked), geometry(dicomweb))
+    assert_inside_window(labelmap, np.round(clicked), spacing)
 
 
 def test_sam_med2d_fills_the_clicked_slice(ohif, timings):
@@ -182,7 +169,7 @@ def test_sam_med2d_fills_the_clicked_slice(ohif, timings):
     assert {s: n for s, n in after["slices"].items() if s != k} == {s: n for s, n in before["slices"].items() if s != k}
 
 
-def test_uncertainty_bands_are_shown(ohif, dicomweb):
+def test_uncertainty_bands_are_shown(ohif, spacing):
     """The companion segmentation task for the click_marker interaction above: the ensemble's
     disagreement as labelled bands, a shell around the marked ball. (OHIF replaces the whole
     labelmap with a segmentation model's result, and keeps those voxels from later point prompts.)"""
@@ -193,11 +180,10 @@ def test_uncertainty_bands_are_shown(ohif, dicomweb):
     labelmap = ohif.labelmap()
     # OHIF's segments: 1 "segment", then the bands 2 low, 3 medium, 4 high (the labels of /info/)
     assert labelmap["count"] > 0 and set(labelmap["values"]) <= {"2", "3", "4"} and "4" in labelmap["values"]
-    spacing = geometry(dicomweb)
     assert_inside_window(labelmap, CLICK, spacing)
     # around the ball: members' balls are centred within the first ball, so they reach < 3 radii
     reach_mm = (np.maximum(np.abs(np.array(labelmap["min"]) - CLICK), np.abs(np.array(labelmap["max"]) - CLICK)) * spacing)
-    assert np.all(reach_mm < 3 * marker_app.RADIUS * 1.5), reach_mm
+    assert np.all(reach_mm < 3 * click_marker.RADIUS * 1.5), reach_mm
 
 
 def test_uncertainty_float_map_is_kept_beside_the_dicom_series(server, dicomweb, tmp_path):

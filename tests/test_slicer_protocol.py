@@ -12,7 +12,6 @@ The imported segment must land where the clicks were in RAS, for volumes stored 
 oblique and with permuted axes.
 """
 
-import importlib.util
 import json
 from email.parser import BytesParser
 from email.policy import default as email_policy
@@ -25,12 +24,8 @@ import requests
 import SimpleITK as sitk
 
 from conftest import REPO_ROOT
-from test_slices_server import slice_checkpoints  # noqa: F401 - fixture
 
 MARKER_APP = REPO_ROOT / "tests" / "marker_app"
-_spec = importlib.util.spec_from_file_location("click_marker", MARKER_APP / "click_marker.py")
-marker_app = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(marker_app)
 
 BOUNDARY = "----------lImIt_of_THE_fIle_eW_$"  # the plugin's own multipart boundary
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -98,7 +93,8 @@ class SlicerPlugin:
         self.info = info
         self.panels = {"Auto Segmentation": [], "SmartEdit": [], "Scribbles": []}
         for name, model in info["models"].items():
-            kind, _description = model["type"], model["description"]  # indexed directly: both must exist
+            kind = model["type"]
+            assert "description" in model  # the plugin indexes both keys directly
             for panel, types in (("Auto Segmentation", ("segmentation", "detection")),
                                  ("SmartEdit", ("deepgrow", "deepedit")), ("Scribbles", ("scribbles",))):
                 if kind in types:
@@ -196,11 +192,9 @@ def volumes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(monailabel_server, volumes, slice_checkpoints, tmp_path_factory):  # noqa: F811
-    marker = tmp_path_factory.mktemp("marker") / "click_marker.pth"
-    marker_app.write_checkpoint(marker)
+def server(monailabel_server, volumes, slice_checkpoints, click_marker_checkpoint):
     studies = next(iter(volumes.values()))[0].parent
-    conf = {"models": "click_marker,sam_med2d", "click_marker_checkpoint": marker,
+    conf = {"models": "click_marker,sam_med2d", "click_marker_checkpoint": click_marker_checkpoint,
             "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
     return monailabel_server(conf=conf, studies=studies, app_dir=MARKER_APP)
 

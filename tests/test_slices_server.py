@@ -8,26 +8,10 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-import torch
 
-from samlabel.checkpoint import expected_shapes
-from samlabel.registry import get_spec
-from samlabel.seeded import seeded_state_dict
 from test_click3d_server import assert_same_geometry, click_studies, ohif_infer, parse_multipart, slicer_infer  # noqa: F401 - fixture
 
 SLICE = 5
-
-
-@pytest.fixture(scope="session")
-def slice_checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("checkpoints-2d")
-    paths = {}
-    for name, seed in (("medsam", 21), ("sam_med2d", 22)):
-        spec = get_spec(name)
-        state = seeded_state_dict(expected_shapes(spec), seed)
-        paths[name] = folder / spec.checkpoint_file
-        torch.save(state if spec.checkpoint_key is None else {spec.checkpoint_key: state}, paths[name])
-    return paths
 
 
 @pytest.fixture(scope="session")

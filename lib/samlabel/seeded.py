@@ -64,6 +64,17 @@ def training_checkpoint(state_dict: dict) -> dict:
     }
 
 
+def save_in_official_layout(spec, state_dict: dict, path) -> None:
+    """Save weights laid out as spec's official checkpoint file: the training-script dict for the
+    3D models (weights under 'model_state_dict'), {checkpoint_key: weights} or the bare state
+    dict for the 2D ones."""
+    if spec.checkpoint_key == "model_state_dict":
+        checkpoint = training_checkpoint(state_dict)
+    else:
+        checkpoint = {spec.checkpoint_key: state_dict} if spec.checkpoint_key else state_dict
+    torch.save(checkpoint, path)
+
+
 def seeded_image(seed: int, size: int = 256) -> torch.Tensor:
     """A (1, 3, size, size) float32 image, all channels equal: smooth blobs plus noise."""
     generator = torch.Generator().manual_seed(seed)
