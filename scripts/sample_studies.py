@@ -37,6 +37,9 @@ MNI152_RESOURCE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 # ---- synthetic CT geometry ------------------------------------------------------------
 CT_SHAPE = (171, 143, 57)  # voxels along i, j, k
 CT_SPACING = (0.8, 0.8, 2.5)  # mm along i, j, k
+CT_ROTATION_DEG = (15.0, 12.0)  # about the world R axis, then about the world A axis
+CT_ORIGIN_RAS = (62.0, 48.0, -75.0)  # world (RAS, mm) position of voxel (0, 0, 0)
+CT_SEED = 20240611
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,6 @@ class Grid:
 NIFTI_CT = Grid(CT_SHAPE, CT_SPACING)
 # The DICOM series: same centre and axes, wider than 192 mm along i, j and k.
 DICOM_CT = Grid((171, 143, 57), (1.3, 1.5, 3.5))
-CT_ROTATION_DEG = (15.0, 12.0)  # about the world R axis, then about the world A axis
-CT_ORIGIN_RAS = (62.0, 48.0, -75.0)  # world (RAS, mm) position of voxel (0, 0, 0)
-CT_SEED = 20240611
 
 AIR_HU, BODY_HU, NOISE_HU = -1000, 40, 8.0
 # Body: elliptic cylinder along world S through the volume centre; semi-axes in mm (R, A).
