@@ -47,11 +47,11 @@ def make_ct(path: Path) -> None:
     nib.save(nib.Nifti1Image(volume, affine), str(path))
 
 
-def start_server(studies: Path, conf: dict, work: Path):
+def start_server(studies: Path, conf: dict, work: Path, app: Path = APP):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
         args += ["--conf", key, str(value)]
@@ -95,7 +95,7 @@ def uncached_request(path: Path, model_name: str, checkpoint: Path, repeats: int
         image = LoadImage(image_only=True)(str(path))
         window = image[200 - 64:200 + 64, 230 - 64:230 + 64, 150 - 64:150 + 64].float()
         predictor.set_volume((window - window.mean()) / window.std())
-        logits, _ = predictor.predict([[64, 64, 64]], [1])
+        logits, _ = predictor.predict_torch(torch.tensor([[64.0, 64, 64]]), torch.tensor([1]))
         mask = np.zeros(image.shape, np.uint8)
         mask[200 - 64:200 + 64, 230 - 64:230 + 64, 150 - 64:150 + 64] = torch.nn.functional.interpolate(
             logits, size=(128,) * 3, mode="trilinear").numpy()[0, 0] > 0

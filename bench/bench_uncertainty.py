@@ -10,15 +10,16 @@ back only (normal), or N decoder runs in one batch + statistics + the std map (e
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from samlabel.checkpoint import expected_shapes
-from samlabel.engine import ClickSegmenter3D, ImageCache
+from samlabel.engine3d import ClickSegmenter3D
 from samlabel.registry import get_spec
+from samlabel.request import ClickRequest
 from samlabel.seeded import save_in_official_layout, seeded_state_dict
-from samlabel.uncertainty import EnsembleConfig
 from bench_networks import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -43,15 +44,14 @@ def main():
             spec = get_spec(name)
             checkpoint = Path(tmp) / spec.checkpoint_file
             save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), 0), checkpoint)
-            engine = ClickSegmenter3D(spec, checkpoint, ImageCache())
-            clicks = [[85, 71, 28]]
-            engine.segment(str(ct), clicks, [], "user")  # encodes the window once
-            normal = median_seconds(lambda: engine.segment(str(ct), clicks, [], "user", persist=False), args.repeats)
+            engine = ClickSegmenter3D(spec, checkpoint)
+            click = ClickRequest(foreground=((85, 71, 28),), client="user")
+            engine.segment(str(ct), click)  # encodes the window once
+            normal = median_seconds(lambda: engine.segment(str(ct), click, commit=False), args.repeats)
             cells = [f"{name}", f"{normal:.3f}"]
             for n in sizes:
-                config = EnsembleConfig(size=n)
-                ensemble = median_seconds(lambda: engine.segment(str(ct), clicks, [], "user", ensemble=config, persist=False),
-                                          args.repeats)
+                ensembled = replace(click, ensemble_size=n)
+                ensemble = median_seconds(lambda: engine.segment(str(ct), ensembled, commit=False), args.repeats)
                 cells += [f"{ensemble:.3f}", f"{ensemble / normal:.1f}x"]
             assert engine.encoder_runs == 1
             print("| " + " | ".join(cells) + " |")

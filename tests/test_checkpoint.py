@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samlabel.checkpoint import CheckpointError, find_checkpoint, load_model, read_checkpoint, sha256
-from samlabel.registry import MODELS, get_spec
+from samlabel.registry import get_spec, registered
 from samlabel.seeded import seeded_state_dict, training_checkpoint
 
 DATA = Path(__file__).parent / "data"
@@ -105,7 +105,7 @@ def test_checkpoint_lookup_official_name_or_conf(tmp_path):
     spec = get_spec("sam_med3d")
     assert find_checkpoint(spec, tmp_path) == tmp_path / "sam_med3d_turbo.pth"
     assert find_checkpoint(spec, tmp_path, {"sam_med3d_checkpoint": "/data/turbo.pth"}) == Path("/data/turbo.pth")
-    assert [s.checkpoint_file for s in MODELS.values()] == ["FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth",
+    assert [s.checkpoint_file for s in registered().values()] == ["FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth",
                                                             "medsam_point_prompt_flare22.pth", "sam-med2d_b.pth"]
 
 

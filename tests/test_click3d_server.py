@@ -285,3 +285,34 @@ def test_uncertainty_through_the_server(server, click_studies, tmp_path):
     nobody = requests.post(f"{server.url}/infer/fastsam3d_uncertainty", params={"image": name},
                            files={"params": (None, json.dumps({"client_id": "never-clicked"}))}, timeout=TIMEOUT)
     assert nobody.status_code == 400 and "no clicks yet" in nobody.json()["detail"]
+
+
+@pytest.mark.parametrize("params,name", [
+    ({"foreground": [[float("inf"), 20, 22]]}, "foreground"),
+    ({"foreground": 3}, "foreground"),
+    ({"background": 7}, "background"),
+    ({"client_id": ["a", "b"]}, "client_id"),
+    ({"label": {"name": "x"}}, "label"),
+    ({"reset_state": "maybe"}, "reset_state"),
+    ({"uncertainty": "maybe"}, "uncertainty"),
+    ({"uncertainty": True, "ensemble_size": "abc"}, "ensemble_size"),
+    ({"result_dtype": "complex64"}, "result_dtype"),
+    ({"result_compress": "sometimes"}, "result_compress"),
+    ({"result_extension": "/../../x.nrrd"}, "result_extension"),
+])
+def test_malformed_parameters_get_400_and_leave_the_interaction_as_it_was(server, tmp_path, params, name):
+    """Each request as the Slicer plugin sends it, with one parameter spoiled. The interaction of
+    the client stays as it was: its next click still reuses the window of the click before."""
+    client = f"malformed-{name}"
+    first = slicer_infer(server.url, "fastsam3d", "phantom_ras", [PHANTOM_CLICK], client_id=client)
+    assert first.status_code == 200, first.text
+    # were it committed, this request's clicks would not be contained in the next one's: a new interaction
+    body = {"label": "segment", "foreground": [PHANTOM_CLICK, [PHANTOM_CLICK[0] + 2, *PHANTOM_CLICK[1:]]], "background": [],
+            "client_id": client, "result_extension": ".nrrd", "result_dtype": "uint8", **params}
+    response = requests.post(f"{server.url}/infer/fastsam3d", params={"image": "phantom_ras"},
+                             files={"params": (None, json.dumps(body))}, timeout=TIMEOUT)
+    assert response.status_code == 400 and name in response.json()["detail"], response.text
+    again = slicer_infer(server.url, "fastsam3d", "phantom_ras", [PHANTOM_CLICK, [PHANTOM_CLICK[0] + 1, *PHANTOM_CLICK[1:]]],
+                         client_id=client)
+    assert again.status_code == 200, again.text
+    assert parse_multipart(again, tmp_path)[0]["window_reused"]

@@ -1,8 +1,6 @@
 """The 2D slice adapter: each model's preprocessing against independently written expectations,
 prompt mapping on non-square slices, mask on the clicked slice only, at the right pixels."""
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,33 +8,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samlabel.engine import ImageCache, InputError, StoredImage
+from samlabel.engine2d import SliceSegmenter, box_from_clicks
+from samlabel.errors import InputError
+from samlabel.predictor2d import SamPredictor2D, intensity_window, preprocess_medsam, preprocess_sam_med2d, to_uint8_range
 from samlabel.registry import get_spec
-from samlabel.slices import (SliceSegmenter, box_from_clicks, intensity_window, preprocess_medsam, preprocess_sam_med2d,
-                             to_uint8_range)
+from samlabel.request import ClickRequest
+from samlabel.results import ClickResult
 
 COLUMNS, ROWS, SLICES = 97, 61, 9  # non-square slices: i is the column (x), j the row (y)
 
 
-def stored(array):
-    return StoredImage(("memory", 0, 0), np.asarray(array), np.eye(4))
-
-
 def test_ct_window_is_level_40_width_400():
-    image = stored(np.array([[[-1000, -160, 40]], [[240, 1000, 0]]], dtype=np.int16))
-    assert intensity_window(image) == (-160.0, 240.0)
-    scaled = to_uint8_range(image.array[:, :, 0], (-160.0, 240.0), keep_zero=False)
+    array = np.array([[[-1000, -160, 40]], [[240, 1000, 0]]], dtype=np.int16)
+    assert intensity_window(array) == (-160.0, 240.0)
+    scaled = to_uint8_range(array[:, :, 0], (-160.0, 240.0))
     assert scaled.tolist() == [[0.0], [255.0]]  # -1000 clipped to -160 -> 0; 240 -> 255
-    assert to_uint8_range(np.array([[40.0]]), (-160.0, 240.0), False).item() == pytest.approx(127.5)
+    assert to_uint8_range(np.array([[40.0]]), (-160.0, 240.0)).item() == pytest.approx(127.5)
+    assert to_uint8_range(np.array([[0.0]]), (-160.0, 240.0)).item() == pytest.approx(102.0)  # CT: 0 HU is not background
 
 
 def test_mr_uses_percentiles_of_nonzero_voxels_and_keeps_zero():
     values = np.concatenate([np.zeros(500), np.arange(1, 1001)]).reshape(10, 150, 1)
-    image = stored(values)
-    low, high = intensity_window(image)
+    low, high = intensity_window(values)
     nonzero = np.arange(1, 1001)
     assert (low, high) == pytest.approx((np.percentile(nonzero, 0.5), np.percentile(nonzero, 99.5)))
-    scaled = to_uint8_range(values[:, :, 0], (low, high), keep_zero=True)
+    scaled = to_uint8_range(values[:, :, 0], (low, high))
     assert scaled[values[:, :, 0] == 0].max() == 0 and scaled.max() == 255
 
 
@@ -97,15 +93,22 @@ class StubDecoder(nn.Module):
         return logits, torch.tensor([[0.9]])
 
 
-def stub_segmenter(name):
-    spec = get_spec(name)
-    engine = SliceSegmenter(spec, Path("unused.pth"), ImageCache())
+def stub_model(spec):
     model = nn.Module()
     model.image_encoder = lambda image: torch.zeros(1)
     model.prompt_encoder = StubPromptEncoder()
     model.mask_decoder = StubDecoder(spec.input_size[0])
-    engine._model = model
-    return engine
+    return model
+
+
+def stub_segmenter(name, model=None):
+    spec = get_spec(name)
+    return SliceSegmenter(spec, predictor=SamPredictor2D(model or stub_model(spec), spec.preprocess))
+
+
+def request(foreground=(), background=(), client="user", **options) -> ClickRequest:
+    return ClickRequest(foreground=tuple(map(tuple, foreground)), background=tuple(map(tuple, background)), client=client,
+                        **options)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_mask_lands_on_the_clicked_slice_at_the_clicked_pixels(volume, name):
     click = (70, 20, 4)
     # MedSAM is driven by a box: two positive clicks span it (one click gives a box of ~2 pixels here)
     clicks = [(62, 14, 4), (78, 26, 4)] if name == "medsam" else [click]
-    result = engine.segment(volume, clicks, [], "user", slice_index=4)
+    result = engine.segment(volume, request(clicks, slice_index=4))
     assert result.mask.shape == (COLUMNS, ROWS, SLICES)
     assert result.mask[:, :, :4].sum() == 0 and result.mask[:, :, 5:].sum() == 0
     columns, rows = np.nonzero(result.mask[:, :, 4])
@@ -133,13 +136,13 @@ def test_mask_lands_on_the_clicked_slice_at_the_clicked_pixels(volume, name):
 
 def test_ohif_clicks_without_slice_use_their_slice(volume):
     engine = stub_segmenter("sam_med2d")
-    result = engine.segment(volume, [(30, 40, 7)], [(10, 10, 7)], "ohif")
+    result = engine.segment(volume, request([(30, 40, 7)], [(10, 10, 7)], "ohif"))
     assert result.info["slice"] == 7 and result.mask[30, 40, 7] == 1 and result.mask[:, :, :7].sum() == 0
 
 
 def test_medsam_box_from_slicer_roi(volume):
     engine = stub_segmenter("medsam")
-    result = engine.segment(volume, [], [], "user", slice_index=2, roi=[60, 20, 10, 50, 2, 2])  # corners not sorted
+    result = engine.segment(volume, request(slice_index=2, roi=(60, 20, 10, 50, 2, 2)))  # corners not sorted
     columns, rows = np.nonzero(result.mask[:, :, 2])
     assert columns.min() >= 19 and columns.max() <= 61 and rows.min() >= 9 and rows.max() <= 51
     assert result.mask[40, 30, 2] == 1
@@ -147,8 +150,8 @@ def test_medsam_box_from_slicer_roi(volume):
 
 def test_second_click_on_a_slice_reuses_its_embedding(volume):
     engine = stub_segmenter("sam_med2d")
-    engine.segment(volume, [(30, 40, 7)], [], "user")
-    again = engine.segment(volume, [(30, 40, 7), (35, 41, 7)], [], "user")
+    engine.segment(volume, request([(30, 40, 7)]))
+    again = engine.segment(volume, request([(30, 40, 7), (35, 41, 7)]))
     assert again.info["embedding_reused"] and engine.encoder_runs == 1
 
 
@@ -160,12 +163,12 @@ def test_second_click_on_a_slice_reuses_its_embedding(volume):
 ])
 def test_bad_slice_requests(volume, kwargs, message):
     with pytest.raises(InputError, match=message):
-        stub_segmenter("sam_med2d").segment(volume, interaction_key="user", **kwargs)
+        stub_segmenter("sam_med2d").segment(volume, request(**kwargs))
 
 
 def test_empty_box_is_refused(volume):
     with pytest.raises(InputError, match="empty"):
-        stub_segmenter("medsam").segment(volume, [], [], "user", slice_index=2, roi=[20, 20, 10, 50, 2, 2])
+        stub_segmenter("medsam").segment(volume, request(slice_index=2, roi=(20, 20, 10, 50, 2, 2)))
 
 
 class BrightRegionDouble(nn.Module):
@@ -177,7 +180,8 @@ class BrightRegionDouble(nn.Module):
         self.image_encoder = lambda image: F.avg_pool2d(image[:, :1], 4)
         self.prompt_encoder = StubPromptEncoder()
         self.mask_decoder = lambda embedding, pe, sparse, dense, multimask: (
-            torch.where(embedding > 0, 10.0, -10.0).repeat(1, 3 if multimask else 1, 1, 1), torch.tensor([[0.1, 0.9, 0.2]]))
+            torch.where(embedding > 0, 10.0, -10.0).repeat(1, 3 if multimask else 1, 1, 1),
+            torch.tensor([[0.1, 0.9, 0.2]])[:, :3 if multimask else 1])
 
 
 def ellipsoid_volume(path):
@@ -188,13 +192,16 @@ def ellipsoid_volume(path):
     return truth
 
 
+def propagate(engine, path, click_request, seconds=60.0):
+    return ClickResult.from_data(engine.post(engine.propagate(path, click_request, seconds)))
+
+
 def test_propagation_recovers_the_structure_from_one_slice(tmp_path):
     from scipy import ndimage
 
     truth = ellipsoid_volume(tmp_path / "ellipsoid.nii.gz")
-    engine = stub_segmenter("sam_med2d")
-    engine._model = BrightRegionDouble()
-    result = engine.propagate(str(tmp_path / "ellipsoid.nii.gz"), [(32, 28, 20)], [], "user")
+    engine = stub_segmenter("sam_med2d", BrightRegionDouble())
+    result = propagate(engine, str(tmp_path / "ellipsoid.nii.gz"), request([(32, 28, 20)]))
     mask = result.mask.astype(bool)
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice >= 0.9, dice
@@ -204,8 +211,7 @@ def test_propagation_recovers_the_structure_from_one_slice(tmp_path):
 
 def test_propagation_is_bounded_in_time(tmp_path):
     ellipsoid_volume(tmp_path / "ellipsoid.nii.gz")
-    engine = stub_segmenter("medsam")
-    engine._model = BrightRegionDouble()
-    result = engine.propagate(str(tmp_path / "ellipsoid.nii.gz"), [(20, 20, 20), (44, 36, 20)], [], "user", seconds=0)
+    engine = stub_segmenter("medsam", BrightRegionDouble())
+    result = propagate(engine, str(tmp_path / "ellipsoid.nii.gz"), request([(20, 20, 20), (44, 36, 20)]), seconds=0)
     assert result.info["stopped"] == "time limit of 0 s"
     assert result.mask[:, :, 20].any() and not np.delete(result.mask, 20, axis=2).any()

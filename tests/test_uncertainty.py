@@ -3,14 +3,15 @@ sampling, and the encoder running once."""
 
 import numpy as np
 import pytest
-import torch
 
-from samlabel.uncertainty import EnsembleConfig, SelfEnsemble, ensemble_statistics, sample_prompt_sets
-from test_engine import segmenter, volume_path  # noqa: F401 - fixture
+from samlabel.prompts import PointPrompt
+from samlabel.transforms import EnsembleStatisticsd, UncertaintyBandsd
+from samlabel.uncertainty import EnsembleConfig, ensemble_statistics, sample_prompt_sets
+from test_engine import request, segmenter, volume_path  # noqa: F401 - fixture
 
 
 def test_statistics_are_the_mean_and_population_std():
-    logits = torch.tensor([[[1.0, -2.0, 0.0, 4.0]], [[3.0, -2.0, 0.0, -4.0]]])  # two members, four voxels
+    logits = np.array([[[1.0, -2.0, 0.0, 4.0]], [[3.0, -2.0, 0.0, -4.0]]])  # two members, four voxels
     mean, std = ensemble_statistics(logits)
     assert mean.tolist() == [[[2.0, -2.0, 0.0, 0.0]]]
     assert std.tolist() == [[[1.0, 0.0, 0.0, 4.0]]]  # sqrt(((1-2)^2 + (3-2)^2) / 2) = 1; members agreeing: 0
@@ -28,38 +29,54 @@ def test_sampling_keeps_the_user_clicks_and_draws_inside_and_around_m0():
     config = EnsembleConfig(size=20, positives=4, negatives=5, ring=2, seed=3)
     points, labels = sample_prompt_sets(first_mask(), user_points, user_labels, cell=4.0, config=config)
     assert points.shape == (20, 2 + 4 + 5, 3) and labels.shape == (20, 11)
-    assert torch.equal(points[:, :2], torch.tensor(user_points).float().expand(20, -1, -1))
-    cells = ((points[:, 2:] + 0.5) / 4 - 0.5).round().long().numpy()  # back to low-res cells
+    assert np.array_equal(points[:, :2], np.broadcast_to(user_points, (20, 2, 3)))
+    cells = np.round((points[:, 2:] + 0.5) / 4 - 0.5).astype(int)  # back to low-res cells
     inside = first_mask()[cells[..., 0], cells[..., 1], cells[..., 2]]
     assert inside[:, :4].all() and not inside[:, 4:].any()  # positives in M0, negatives outside it
     assert (labels[:, 2:6] == 1).all() and (labels[:, 6:] == 0).all()
     assert (points >= -0.5).all() and (points <= 31.5).all()  # none outside the 32-cell (128 px) frame
     again, _ = sample_prompt_sets(first_mask(), user_points, user_labels, cell=4.0, config=config)
-    assert torch.equal(points, again)  # seeded
+    assert np.array_equal(points, again)  # seeded
     other, _ = sample_prompt_sets(first_mask(), user_points, user_labels, cell=4.0, config=EnsembleConfig(size=20, seed=4))
-    assert not torch.equal(points[:, :5], other[:, :5])
+    assert not np.array_equal(points[:, :5], other[:, :5])
 
 
-def test_transform_decodes_all_members_in_one_call():
-    calls = []
+class CountingPredictor:
+    """Test double: member m of a batch returns m everywhere; records the batch sizes."""
 
-    def decode(points, labels):  # test double: member m returns m everywhere
-        calls.append(points.shape[0])
-        return torch.arange(points.shape[0], dtype=torch.float32).reshape(-1, 1, 1, 1, 1).expand(-1, 1, 8, 8, 8)
+    def __init__(self):
+        self.calls = []
 
-    first = torch.where(torch.from_numpy(first_mask()), 1.0, -1.0)[None, None]
-    data = SelfEnsemble(EnsembleConfig(size=4))({"ensemble_decode": decode, "ensemble_first_logits": first,
-                                                 "ensemble_points": np.zeros((1, 3)), "ensemble_labels": np.ones(1),
-                                                 "ensemble_model_size": 32})
-    assert calls == [4]
-    assert torch.allclose(data["ensemble_mean"], torch.full((1, 1, 8, 8, 8), 1.5))
-    assert torch.allclose(data["ensemble_std"], torch.full((1, 1, 8, 8, 8), np.std([0, 1, 2, 3])))
+    def predict(self, points, labels, mask_input=None, multimask_output=False):
+        self.calls.append(len(points))
+        logits = np.arange(len(points), dtype=np.float32).reshape(-1, 1, 1, 1, 1) * np.ones((1, 1, 8, 8, 8), np.float32)
+        return logits, np.ones((len(points), 1), np.float32)
+
+
+def test_members_are_decoded_in_one_call_and_the_transform_gives_mean_and_std():
+    prompt, predictor = PointPrompt(), CountingPredictor()
+    first = np.where(first_mask(), 1.0, -1.0)[None, None].astype(np.float32)
+    members = prompt.members({"points": np.zeros((1, 1, 3)), "labels": np.ones((1, 1))}, first, EnsembleConfig(size=4), 32)
+    logits, _ = prompt.decode(predictor, members, first)
+    assert predictor.calls == [4] and members["points"].shape == (4, 1 + 3 + 3, 3)
+    data = EnsembleStatisticsd("logits")({"logits": logits})
+    assert np.allclose(data["logits"], np.full((1, 1, 8, 8, 8), 1.5))
+    assert np.allclose(data["logits_std"], np.full((1, 1, 8, 8, 8), np.std([0, 1, 2, 3])))
+    single = EnsembleStatisticsd("logits")({"logits": logits[:1]})
+    assert single["logits_std"] is None and np.array_equal(single["logits"], logits[:1])
+
+
+def test_bands_split_the_std_at_fractions_of_its_peak():
+    std = np.array([0.0, 0.05, 0.2, 0.5, 0.9, 1.0], np.float32).reshape(1, 1, 6)
+    data = UncertaintyBandsd("uncertainty")({"uncertainty": std})
+    assert data["pred"].ravel().tolist() == [0, 0, 1, 2, 3, 3]  # edges at 0.1, 1/3, 2/3 of 1.0
+    assert data["result"]["band_edges_std"] == pytest.approx([0.1, 1 / 3, 2 / 3])
 
 
 def test_engine_ensemble_runs_the_encoder_once_and_maps_the_std(volume_path):  # noqa: F811
     engine = segmenter()
-    plain = engine.segment(volume_path, [[150, 130, 20]], [], "plain")
-    ensembled = engine.segment(volume_path, [[150, 130, 20]], [], "ensembled", ensemble=EnsembleConfig(size=8))
+    plain = engine.segment(volume_path, request([[150, 130, 20]], client="plain"))
+    ensembled = engine.segment(volume_path, request([[150, 130, 20]], client="ensembled", ensemble_size=8))
     assert engine.encoder_runs == 1  # the same window: the ensemble reuses the embedding
     assert ensembled.uncertainty.shape == ensembled.mask.shape and ensembled.uncertainty.dtype == np.float32
     assert plain.uncertainty is None and ensembled.uncertainty.max() > 0
@@ -72,6 +89,6 @@ def test_engine_ensemble_runs_the_encoder_once_and_maps_the_std(volume_path):  #
 
 def test_ensemble_of_identical_members_has_zero_std(volume_path):  # noqa: F811
     """No sampled points: every member gets the user's clicks only, so all agree exactly."""
-    engine = segmenter()
-    result = engine.segment(volume_path, [[150, 130, 20]], [], "u", ensemble=EnsembleConfig(size=5, positives=0, negatives=0))
+    engine = segmenter(ensemble=EnsembleConfig(positives=0, negatives=0))
+    result = engine.segment(volume_path, request([[150, 130, 20]], ensemble_size=5))
     assert result.uncertainty.max() == pytest.approx(0.0, abs=1e-5)

@@ -4,23 +4,20 @@ Start it with::
 
     monailabel start_server --app apps/fastsam3d --studies <folder or DICOMweb URL> [--conf models fastsam3d]
 
-Conf keys (``--conf KEY VALUE``):
-    models:                comma-separated model names, or "all" (default: every model whose checkpoint is present)
-    <model>_checkpoint:    checkpoint path, instead of model/<official file name> (e.g. fastsam3d_checkpoint)
-    device:                cpu or cuda (default: cuda when available)
-    image_cache_mb:        memory for loaded images (default 2048)
-    propagation_seconds:   time bound of the 2D models' 3D propagation tasks (default 60)
+Conf keys (``--conf KEY VALUE``): samlabel.settings.OUR_KEYS; they are checked at start-up.
+Each model is served by the TaskConfig of its registry family (samlabel/configs).
 """
 
 import logging
 import os
 import tempfile
 import threading
+import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
+import nibabel as nib
 import numpy as np
-import torch
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -28,79 +25,77 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import samlabel
-from samlabel.checkpoint import CheckpointError, find_checkpoint
-from samlabel.engine import ClickSegmenter3D, ImageCache
-from samlabel.registry import MODELS, get_spec
-from samlabel.slices import SliceSegmenter
-from samlabel.tasks.clicks import UNCERTAINTY_MAP_KEY, ClickSegmentation, UncertaintyBands
+from samlabel.configs import config_families
+from samlabel.images import ImageCache
+from samlabel.registry import get_spec
+from samlabel.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
 
 class FastSAM3DApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
-        self.model_dir = Path(app_dir) / "model"
-        self.conf_values = conf
-        requested = [m.strip() for m in conf.get("models", "").split(",") if m.strip()]
-        self.explicit = requested and requested != ["all"]
-        self.models: List[str] = requested if self.explicit else list(MODELS)
-        for name in self.models:
-            get_spec(name)  # unknown names stop the start-up with the list of known ones
-        self.missing = {}  # model -> what to do about its checkpoint
-        for name in self.models:
-            spec = get_spec(name)
-            path = find_checkpoint(spec, self.model_dir, conf)
-            if not path.is_file():
-                self.missing[name] = f"checkpoint not found: put {spec.checkpoint_file} at {path} (download: {spec.source})"
-                logger.warning(f"{spec.title}: {self.missing[name]}")
+        self.settings = AppSettings.from_conf(conf)
+        logger.info(f"FastSAM3D app: models requested = {list(self.settings.models) if self.settings.explicit else ['all']}")
+        families = config_families()
+        images = ImageCache(max_bytes=self.settings.image_cache_bytes)
+        self.configs = {}
+        missing = {}
+        for name in self.settings.models:
+            config = families[get_spec(name).family]()
+            config.init(name, str(Path(app_dir) / "model"), conf, None, settings=self.settings, images=images)
+            if config.missing:
+                missing[name] = config.missing
+                logger.warning(f"{config.spec.title}: {config.missing}")
+                if not self.settings.explicit:
+                    continue  # by default only models whose checkpoint is present; the log and /info/ say what is missing
+            self.configs[name] = config
         description = "Medical Segment-Anything models for interactive segmentation"
-        if self.missing:
-            description += ". Missing checkpoints: " + "; ".join(f"{n}: {m}" for n, m in self.missing.items())
-        logger.info(f"FastSAM3D app: models requested = {requested or ['all']}")
+        if missing:
+            description += ". Missing checkpoints: " + "; ".join(f"{n}: {m}" for n, m in missing.items())
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FastSAM3D",
                          description=description, version=samlabel.__version__)
 
     def init_infers(self) -> Dict[str, InferTask]:
-        device = self.conf_values.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        images = ImageCache(max_bytes=float(self.conf_values.get("image_cache_mb", 2048)) * 2**20)
         infers = {}
-        for name in self.models:
-            if name in self.missing and not self.explicit:
-                continue  # by default only models whose checkpoint is present; the log and /info/ say what is missing
-            spec = get_spec(name)
-            engine = ClickSegmenter3D if spec.dimension == 3 else SliceSegmenter
-            segmenter = engine(spec, find_checkpoint(spec, self.model_dir, self.conf_values), images, device)
-            infers[name] = ClickSegmentation(segmenter, self.missing.get(name, ""))
-            # where the self-ensemble disagrees, as labelled bands
-            infers[f"{name}_uncertainty"] = UncertaintyBands(segmenter, self.missing.get(name, ""))
-            if spec.dimension == 2:  # the same model as a 3D task, propagating from the clicked slice
-                seconds = float(self.conf_values.get("propagation_seconds", 60))
-                infers[f"{name}_3d"] = ClickSegmentation(segmenter, self.missing.get(name, ""), propagate=True,
-                                                         propagation_seconds=seconds)
-            if name not in self.missing:  # load the weights now, not on the first click
-                threading.Thread(target=preload, args=(segmenter,), daemon=True).start()
-        logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {device} (threads: {os.cpu_count()})")
+        for config in self.configs.values():
+            infers.update(config.infer())
+            config.preload()
+        logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {self.settings.device} "
+                    f"({self.settings.dtype}, threads: {os.cpu_count()})")
         threading.Thread(target=warm_up_writer, daemon=True).start()
         return infers
 
     def infer(self, request, datastore=None):
-        """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message; an
-        uncertainty task's float map is stored in the datastore next to the image."""
+        """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message; a
+        task's declared secondary outputs are stored in the datastore next to the image."""
+        request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex[:12]}
         try:
             result = super().infer(request, datastore)
         except MONAILabelException as error:
             status = 400 if error.error == MONAILabelError.INVALID_INPUT else 500
             raise HTTPException(status_code=status, detail=error.msg) from None
-        float_map = (result.get("params") or {}).pop(UNCERTAINTY_MAP_KEY, None)
-        if float_map:
-            store = datastore or self.datastore()
-            image = request.get("image")
-            if isinstance(store, LocalDatastore) and image and not os.path.exists(image):  # a datastore id, not a session
+        task = self._infers.get(request.get("model"))
+        outputs = task.take_secondary(request["request_id"]) if hasattr(task, "take_secondary") else {}
+        image = request.get("image")
+        store = datastore or self.datastore()
+        for key, (array, affine) in outputs.items():
+            # a datastore id, not a session's or an uploaded file
+            if isinstance(store, LocalDatastore) and isinstance(image, str) and image and not os.path.exists(image):
                 tag = request["model"]  # e.g. fastsam3d_uncertainty
-                store.save_label(image, float_map, tag, {"model": request["model"], "kind": "ensemble std"})
-                result["params"]["uncertainty_map"] = {"image": image, "tag": tag}
-            os.remove(float_map)
+                save_map(store, image, tag, array, affine, {"model": request["model"], "kind": task.secondary_outputs[key]})
+                result.setdefault("params", {})[f"{key}_map"] = {"image": image, "tag": tag}
         return result
+
+
+def save_map(store: LocalDatastore, image: str, tag: str, array: np.ndarray, affine: np.ndarray, info: dict) -> None:
+    handle, path = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(handle)
+    try:
+        nib.save(nib.Nifti1Image(array, affine), path)
+        store.save_label(image, path, tag, info)
+    finally:
+        os.remove(path)
 
 
 def warm_up_writer():
@@ -110,10 +105,3 @@ def warm_up_writer():
     with tempfile.TemporaryDirectory() as folder:
         for extension in (".nrrd", ".nii.gz"):
             write_itk(np.zeros((2, 2, 2), np.uint8), os.path.join(folder, "warm-up" + extension), np.eye(4), "uint8", False)
-
-
-def preload(segmenter):
-    try:
-        segmenter.predictor() if isinstance(segmenter, ClickSegmenter3D) else segmenter.model()
-    except CheckpointError as error:  # infer calls answer 503 with the same message
-        logger.error(f"{segmenter.spec.title}: {error}")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from .checkpoint import CheckpointError, check_state_dict, load_model, read_checkpoint, sha256, state_dict_of
-from .registry import MODELS, get_spec
+from .registry import get_spec, registered
 
 
 def _layout(checkpoint) -> str:
@@ -21,7 +21,7 @@ def _layout(checkpoint) -> str:
 
 def check_checkpoint(path, model_name=None, out=sys.stdout) -> bool:
     """Print what the file is; True when it loads into `model_name` (or into some known model)."""
-    candidates = [get_spec(model_name)] if model_name else list(MODELS.values())
+    candidates = [get_spec(model_name)] if model_name else list(registered().values())
     print(f"file:   {path}", file=out)
     try:
         checkpoint = read_checkpoint(path)
@@ -45,7 +45,7 @@ def check_checkpoint(path, model_name=None, out=sys.stdout) -> bool:
         print(f"loads:  yes{'' if finite else ' (WARNING: contains NaN or infinite values)'}", file=out)
         print(f"put it at apps/fastsam3d/model/{spec.checkpoint_file} or pass --conf {spec.name}_checkpoint <path>", file=out)
         return finite
-    print("model:  " + ("not " + candidates[0].title if model_name else "none of " + ", ".join(MODELS)), file=out)
+    print("model:  " + ("not " + candidates[0].title if model_name else "none of " + ", ".join(registered())), file=out)
     for error in errors:
         print(f"error:  {error}", file=out)
     return False
@@ -54,7 +54,7 @@ def check_checkpoint(path, model_name=None, out=sys.stdout) -> bool:
 def check_checkpoint_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="samlabel-check-checkpoint", description=__doc__)
     parser.add_argument("path", help="checkpoint file, e.g. FastSAM3D.pth or sam_med3d_turbo.pth")
-    parser.add_argument("--model", choices=sorted(MODELS), help="the model the file should be (default: any)")
+    parser.add_argument("--model", choices=sorted(registered()), help="the model the file should be (default: any)")
     args = parser.parse_args(argv)
     return 0 if check_checkpoint(args.path, args.model) else 1
 

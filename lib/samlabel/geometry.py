@@ -11,7 +11,7 @@ Affines map voxel indices of an array, in the array's axis order, to RAS millime
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -98,7 +98,7 @@ def sample_window(volume: np.ndarray, image_affine: np.ndarray, window: Window) 
     return block.contiguous()
 
 
-def logits_to_image(logits: torch.Tensor, window: Window, image_shape: Tuple[int, int, int],
+def logits_to_image(logits: np.ndarray, window: Window, image_shape: Tuple[int, int, int],
                     image_affine: np.ndarray, positive_only: bool = False) -> Tuple[np.ndarray, Tuple[slice, ...]]:
     """Low-res logits (…, L, L, L) of the window, trilinearly sampled at each image voxel the
     window covers: the official trilinear upsampling to the window (align_corners=False, which
@@ -107,7 +107,7 @@ def logits_to_image(logits: torch.Tensor, window: Window, image_shape: Tuple[int
 
     positive_only: cover only the part of the window where a logit can be > 0 (within one cell
     of a positive cell: trilinear interpolation of non-positive values is never positive)."""
-    low_res = logits.reshape(logits.shape[-3:]).float()
+    low_res = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32).reshape(logits.shape[-3:]))
     cells = low_res.shape[0] / window.size
     region = np.array([[-0.5] * 3, [window.size - 0.5] * 3])  # window voxel box
     if positive_only:
@@ -172,3 +172,27 @@ def _interpolate_axis(values: torch.Tensor, dim: int, positions: np.ndarray, bor
     shape = [1, 1, 1]
     shape[dim] = -1
     return sum(values.index_select(dim, index) * weight.reshape(shape) for index, weight in neighbours)
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Where a 3D model's low-res maps lie on the image: its window on the image's grid."""
+
+    window: Window
+    image_shape: Sequence[int]
+    image_affine: np.ndarray
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """uint8 volume on the image grid: 1 where the mapped logits are > 0."""
+        values, block = logits_to_image(logits, self.window, self.image_shape, self.image_affine, positive_only=True)
+        mask = np.zeros(self.image_shape, dtype=np.uint8, order="F")  # file order of NRRD/NIfTI data
+        if values.size:
+            mask[block] = values > 0
+        return mask
+
+    def field(self, values: np.ndarray) -> np.ndarray:
+        """float32 volume on the image grid: the map trilinearly read at each voxel, 0 outside the window."""
+        mapped, block = logits_to_image(values, self.window, self.image_shape, self.image_affine)
+        volume = np.zeros(self.image_shape, dtype=np.float32, order="F")
+        volume[block] = np.where(np.isfinite(mapped), mapped, 0)
+        return volume

@@ -1,6 +1,6 @@
 """Self-ensembling (FastSAM-3DSlicer, Eq. 1-3): encode once, decode N times with prompts sampled
 from the first mask M0; the mean of the N logit maps is the result, their per-voxel standard
-deviation the uncertainty.
+deviation the uncertainty (transforms.EnsembleStatisticsd).
 
 Sampling, per ensemble member: the user's own clicks (they stay authoritative), plus
 `positives` points drawn uniformly from M0's interior (M0 eroded by one cell, or M0 itself when
@@ -11,14 +11,13 @@ uncertain: near its boundary. A seeded generator makes the same request give the
 """
 
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Tuple
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnsembleConfig:
     size: int = 8  # N decoder runs
     positives: int = 3  # points drawn from M0's interior per member
@@ -28,8 +27,8 @@ class EnsembleConfig:
 
 
 def sample_prompt_sets(first_mask: np.ndarray, points: np.ndarray, labels: np.ndarray, cell: float,
-                       config: EnsembleConfig, xy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """N prompt sets: (N, P, D) points in the model frame and (N, P) labels.
+                       config: EnsembleConfig, xy: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """N prompt sets: (N, P, D) float32 points in the model frame and (N, P) int64 labels.
 
     first_mask: M0 on the low-res grid (bool, D axes); points/labels: the user's prompts
     (P0, D) / (P0,) in the model frame; cell: model-frame pixels per low-res cell; xy: 2D points
@@ -50,38 +49,18 @@ def sample_prompt_sets(first_mask: np.ndarray, points: np.ndarray, labels: np.nd
                 member_labels.append(np.full(count, label))
         all_points.append(np.concatenate(member_points))
         all_labels.append(np.concatenate(member_labels))
-    return torch.from_numpy(np.stack(all_points)).float(), torch.from_numpy(np.stack(all_labels)).long()
+    return np.stack(all_points).astype(np.float32), np.stack(all_labels).astype(np.int64)
 
 
-def ensemble_statistics(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population) standard deviation over the members (dim 0): Eq. 2 and 3.
+def ensemble_statistics(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation over the members (axis 0): Eq. 2 and 3.
     The result mask is mean > 0 (Eq. 1: sigmoid(mean) > 0.5; a tie at 0 is background)."""
-    return logits.mean(0, keepdim=True), logits.std(0, unbiased=False, keepdim=True)
+    return logits.mean(0, keepdims=True), logits.std(0, keepdims=True)
 
 
-class SelfEnsemble:
-    """Dictionary transform: from data["ensemble_decode"] (prompt sets -> (N, 1, *grid) logits, one
-    batched decoder call on the cached embedding), data["ensemble_points"] / ["ensemble_labels"]
-    (the user's prompts in the model frame) and data["ensemble_first_logits"] (M0's logits),
-    it adds data["ensemble_mean"] and data["ensemble_std"] on the low-res grid. data["ensemble_xy"]:
-    2D points in (x, y) order."""
-
-    def __init__(self, config: EnsembleConfig = EnsembleConfig()):
-        self.config = config
-
-    def __call__(self, data: dict) -> dict:
-        decode: Callable = data["ensemble_decode"]
-        first = data["ensemble_first_logits"]
-        cell = data["ensemble_model_size"] / first.shape[-1]
-        points, labels = sample_prompt_sets((first[0, 0] > 0).cpu().numpy(), data["ensemble_points"],
-                                            data["ensemble_labels"], cell, self.config, xy=data.get("ensemble_xy", False))
-        data["ensemble_mean"], data["ensemble_std"] = ensemble_statistics(decode(points, labels))
-        return data
-
-
-def jittered_boxes(box: np.ndarray, config: EnsembleConfig, shift: float = 20.0) -> torch.Tensor:
+def jittered_boxes(box: np.ndarray, config: EnsembleConfig, shift: float = 20.0) -> np.ndarray:
     """N boxes for a box-prompted model (MedSAM): each side moved out by up to `shift` model
     pixels, as MedSAM's training jittered its boxes."""
     rng = np.random.default_rng(config.seed)
     grow = rng.uniform(0, shift, (config.size, 4)) * np.array([-1, -1, 1, 1])
-    return torch.from_numpy(box[None] + grow).float()
+    return (np.asarray(box, dtype=np.float64).reshape(1, 4) + grow).astype(np.float32)

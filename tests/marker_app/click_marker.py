@@ -1,12 +1,13 @@
 """The test-double 3D model ``click_marker``: a network that marks a ball of RADIUS model
 voxels (1.5 mm each) around the newest positive point prompt, in the official SAM-Med3D
 interfaces, so the real engine (window, resampling, read-back) serves it. Importing this file
-registers nothing; tests/marker_app/click_marker.py adds it to the app's registry."""
+registers nothing; tests/marker_app/main.py registers it."""
 
 import torch
 from torch import nn
 
-from samlabel.registry import SAM_MED3D_INPUT, ModelSpec
+from samlabel.models import SAM_MED3D_INPUT
+from samlabel.registry import ModelSpec
 
 RADIUS = 8.0  # model voxels
 SATURATION = 2.0  # logits are clipped to +-SATURATION, as a trained model's saturate away from edges

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click_marker import SPEC  # this folder is on sys.path while monailabel loads the app
 
-from samlabel.registry import MODELS
+from samlabel.registry import register_model
 
 _app = Path(__file__).resolve().parents[2] / "apps" / "fastsam3d" / "main.py"
 _spec = importlib.util.spec_from_file_location("fastsam3d_app_main", _app)
@@ -20,4 +20,4 @@ _module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_module)
 FastSAM3DApp = _module.FastSAM3DApp  # found by monailabel as this app's MONAILabelApp
 
-MODELS[SPEC.name] = SPEC
+register_model(SPEC)

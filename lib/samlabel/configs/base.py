@@ -1,0 +1,54 @@
+"""What every model family's TaskConfig does: find the checkpoint, make the engine, load it in
+the background, and return one task per entry of the model's registry `tasks`."""
+
+import logging
+import threading
+from typing import Dict
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from ..checkpoint import CheckpointError, find_checkpoint
+from ..registry import get_spec
+from ..tasks.clicks import ClickSegmentation, Propagation, UncertaintyBands
+
+logger = logging.getLogger(__name__)
+
+
+class SamTaskConfig(TaskConfig):
+    family = ""  # the registry family this config serves
+
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner=None, **kwargs):
+        """kwargs: settings (settings.AppSettings), images (the app's shared images.ImageCache)."""
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings = kwargs["settings"]
+        self.spec = get_spec(name)
+        self.path = find_checkpoint(self.spec, model_dir, conf)
+        self.missing = "" if self.path.is_file() else (
+            f"checkpoint not found: put {self.spec.checkpoint_file} at {self.path} (download: {self.spec.source})")
+        self.engine = self.spec.engine(self.spec, self.path, kwargs["images"], device=self.settings.device,
+                                       dtype=self.settings.dtype)
+
+    def infer(self) -> Dict[str, InferTask]:
+        name, tasks = self.name, {}
+        if "clicks" in self.spec.tasks:
+            tasks[name] = ClickSegmentation(self.engine, self.missing)
+        if "uncertainty" in self.spec.tasks:  # where the self-ensemble disagrees, as labelled bands
+            tasks[f"{name}_uncertainty"] = UncertaintyBands(self.engine, self.missing)
+        if "propagation" in self.spec.tasks:  # a 2D model as a 3D task, propagating from the clicked slice
+            tasks[f"{name}_3d"] = Propagation(self.engine, self.missing, self.settings.propagation_seconds)
+        return tasks
+
+    def trainer(self):
+        return None
+
+    def preload(self) -> None:
+        """Load the weights in the background now, not on the first click."""
+        if not self.missing:
+            threading.Thread(target=self._load, daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.engine.predictor()
+        except CheckpointError as error:  # infer calls answer 503 with the same message
+            logger.error(f"{self.spec.title}: {error}")

@@ -1,0 +1,68 @@
+"""Stored images: read once with MONAI's loader (as MONAI Label reads them, so voxel indices mean
+what the front ends send) and cached while the file stays the same."""
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+from .cache import LRUCache
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image as stored: array in file axis order, affine voxel index -> RAS mm."""
+
+    key: Tuple  # identifies the file's content: changes when the file is rewritten or replaced
+    array: np.ndarray
+    affine: np.ndarray
+
+
+def file_key(path: str) -> Tuple:
+    """(path, size, mtime, ctime, inode): a replaced file (new inode) or one rewritten in place
+    (new ctime, which no one can set back) gets a new key even with the same size and mtime."""
+    stat = os.stat(path)
+    return path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
+def load_image(path: str) -> StoredImage:
+    """Read a 3D volume (NIfTI, NRRD, DICOM folder...) with MONAI's LoadImage. Raises InputError
+    for what cannot be served."""
+    from monai.transforms import LoadImage
+
+    key = file_key(path)
+    try:
+        image = LoadImage(image_only=True, dtype=None)(path)
+    except Exception as error:  # noqa: BLE001 - readers raise many types; the client needs the message
+        raise InputError(f"cannot read image {os.path.basename(path)}: {error}") from None
+    array = np.asarray(image.array)
+    while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1) volumes
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"the models need a 3D volume; this image has shape {tuple(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError("the image contains NaN or infinite values")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    return StoredImage(key, array, affine)
+
+
+class ImageCache:
+    """Loaded images by file key (reloaded when the file changes); bounded in bytes."""
+
+    def __init__(self, max_bytes: float = 2e9):
+        self._cache = LRUCache(max_bytes, cost=lambda image: image.array.nbytes)
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> StoredImage:
+        key = file_key(path)
+        image = self._cache.get(key)
+        if image is None:
+            with self._lock:  # one reader per image at a time
+                image = self._cache.get(key)
+                if image is None:
+                    image = load_image(path)
+                    self._cache.put(image.key, image)
+        return image

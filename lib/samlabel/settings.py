@@ -1,0 +1,82 @@
+"""The app's --conf values, checked once at start-up: a typo or an impossible value stops the
+server with a message, instead of starting it and answering 500 to every click."""
+
+import math
+from dataclasses import dataclass
+from typing import List, Mapping, Tuple
+
+import torch
+
+from .registry import get_spec, registered
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_PROPAGATION_SECONDS = 3600.0
+# MONAI Label's own keys, passed through untouched.
+MONAILABEL_KEYS = ("server_mode", "auth_token", "preload", "skip_scoring", "skip_strategies", "skip_trainers")
+OUR_KEYS = {
+    "models": 'comma-separated model names, or "all" (default: every model whose checkpoint is present)',
+    "device": "cpu or cuda (default: cuda when available)",
+    "dtype": "float32, bfloat16 or float16: the models' compute precision (default float32)",
+    "image_cache_mb": "memory for loaded images in MB (default 2048)",
+    "propagation_seconds": "time bound of the 2D models' 3D propagation tasks (default 60)",
+    "<model>_checkpoint": "a checkpoint path instead of model/<official file name>",
+}
+
+
+class ConfError(ValueError):
+    """A --conf value the app cannot run with; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    models: Tuple[str, ...]  # the models asked for (all registered ones by default)
+    explicit: bool  # models named by --conf models: registered even without their checkpoint
+    device: str
+    dtype: torch.dtype
+    image_cache_bytes: float
+    propagation_seconds: float
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str]) -> "AppSettings":
+        problems: List[str] = []
+        models = registered()
+        checkpoint_keys = {f"{name}_checkpoint" for name in models}
+        for key in conf:
+            if key not in OUR_KEYS and key not in checkpoint_keys and key not in MONAILABEL_KEYS:
+                problems.append(f"unknown key {key!r}")
+
+        requested = [m.strip() for m in str(conf.get("models", "")).split(",") if m.strip()]
+        explicit = bool(requested) and requested != ["all"]
+        for name in requested if explicit else []:
+            try:
+                get_spec(name)
+            except KeyError as error:
+                problems.append(f"models: {error.args[0]}")
+
+        device = str(conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            problems.append(f"device must be cpu or cuda, got {device!r}")
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            problems.append(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
+
+        dtype_name = str(conf.get("dtype", "float32"))
+        if dtype_name not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        image_cache_mb = _number(conf, "image_cache_mb", 2048, 1, math.inf, problems)
+        seconds = _number(conf, "propagation_seconds", 60, 0, MAX_PROPAGATION_SECONDS, problems)
+        if problems:
+            known = "; ".join(f"{k}: {v}" for k, v in OUR_KEYS.items())
+            raise ConfError("invalid --conf: " + "; ".join(problems) + f". Known keys: {known}")
+        return cls(models=tuple(requested if explicit else models), explicit=explicit, device=device,
+                   dtype=DTYPES[dtype_name], image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds)
+
+
+def _number(conf: Mapping[str, str], key: str, default: float, low: float, high: float, problems: List[str]) -> float:
+    try:
+        value = float(conf.get(key, default))
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (low <= value <= high):  # NaN fails too
+        problems.append(f"{key} must be a number from {low:g} to {high:g}, got {conf.get(key)!r}")
+        return default
+    return value
