@@ -2,8 +2,11 @@
 
 import json
 import os
+import pickle
+import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 
 from samlabel.checkpoint import CheckpointError, find_checkpoint, load_model, read_checkpoint, sha256
 from samlabel.registry import get_spec, registered
-from samlabel.seeded import seeded_state_dict, training_checkpoint
+from samlabel.seeded import save_in_official_layout, seeded_state_dict, training_checkpoint
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = {"fastsam3d": "fastsam3d", "sam_med3d": "sam_med3d_turbo", "medsam": "sam_vit_b"}
@@ -68,37 +71,107 @@ def test_wrong_model_file_names_first_mismatches(official_files):
         load_model(get_spec("sam_med3d"), official_files["fastsam3d", "training"][0])
 
 
-def test_unreadable_files_give_clear_errors(tmp_path, official_files):
-    spec = get_spec("fastsam3d")
-    with pytest.raises(CheckpointError, match="no such file"):
-        load_model(spec, tmp_path / "FastSAM3D.pth")
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(official_files["fastsam3d", "training"][0].read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        load_model(spec, truncated)
-    text = tmp_path / "FastSAM3D.html"
-    text.write_text("<html>quota exceeded</html>")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        load_model(spec, text)
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="FastSAM3D.pth: no such file"):
+        load_model(get_spec("fastsam3d"), tmp_path / "FastSAM3D.pth")
 
 
-def test_arbitrary_objects_are_never_unpickled(tmp_path):
+class Shell:
+    """Pickles as a call of os.system: what a malicious checkpoint holds. Its command only creates
+    a marker file, so a test sees it if it ever runs."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+SYSTEM = f"{os.system.__module__}.system"  # as pickled: posix.system on Linux
+BAD_CASES = ["empty", "random bytes", "text", "truncated zip", "pickle protocol 2", "legacy torch.save"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, official_files):
+    """{case: (path, what the error must say)}: files people end up with instead of a checkpoint."""
+    folder = tmp_path_factory.mktemp("bad-checkpoints")
+    marker = folder / "executed"
+    evil = {"model_state_dict": {"w": torch.zeros(2)}, "payload": Shell(f"touch {marker}")}
+    refused = f"refused to unpickle: it contains {SYSTEM}, which is not weights data"
+    unreadable = "not a readable PyTorch checkpoint"
+    paths = {case: folder / f"{case.replace(' ', '-')}.pth" for case in BAD_CASES}
+    paths["empty"].write_bytes(b"")
+    paths["random bytes"].write_bytes(random.Random(0).randbytes(4096))
+    paths["text"].write_text("<html>quota exceeded</html>\n")
+    paths["truncated zip"].write_bytes(official_files["fastsam3d", "training"][0].read_bytes()[:100_000])
+    paths["pickle protocol 2"].write_bytes(pickle.dumps({"payload": evil["payload"]}, protocol=2))  # no torch in it
+    torch.save(evil, paths["legacy torch.save"], _use_new_zipfile_serialization=False)  # the pre-1.6 format
+    expected = {"empty": "empty file (0 bytes)", "random bytes": unreadable, "text": unreadable, "truncated zip": unreadable,
+                "pickle protocol 2": refused, "legacy torch.save": refused}
+    return {case: (paths[case], expected[case]) for case in BAD_CASES}
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_file_gives_one_clear_line(bad_files, case):
+    path, expected = bad_files[case]
+    with pytest.raises(CheckpointError) as error:
+        load_model(get_spec("fastsam3d"), path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message, message
+    assert "\n" not in message and "weights_only" not in message, message  # never torch's advice to turn the check off
+    if "refused" in expected:  # said plainly: refused, not taken for a damaged file
+        assert "corrupt" not in message, message
+    assert not (path.parent / "executed").exists(), "a malicious checkpoint ran its code"
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_check_command_on_bad_file_says_why_without_traceback(bad_files, case):
+    path, expected = bad_files[case]
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    result = check_command(path, entry_point=True)
+    assert result.returncode == 1
+    assert f"error:  {error.value}\n" in result.stdout and expected in result.stdout, result.stdout
+    assert result.stderr == "" and "weights_only" not in result.stdout, result.stderr
+
+
+def test_refusal_names_only_the_disallowed_globals(tmp_path):
+    """Next to the allowed training state (argparse.Namespace, numpy scalars, Counter), only the
+    call that would run code is named."""
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pth"
-    torch.save({"model_state_dict": {}, "payload": Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="refused to unpickle: it contains .*pathlib"):
+    torch.save({**training_checkpoint({"w": torch.zeros(2)}), "payload": Shell(f"touch {marker}")}, path)
+    with pytest.raises(CheckpointError) as error:
         read_checkpoint(path)
+    assert str(error.value) == (f"{path}: refused to unpickle: it contains {SYSTEM}, which is not weights data "
+                                "(unpickling it could run code); the file was not loaded")
     assert not marker.exists()
 
 
-class Payload:
-    """Unpickling this would create a file."""
+def test_concurrent_loads_of_a_training_checkpoint(tmp_path):
+    """As the app's preload threads do at start-up: every load sees the allow-list, none strips it
+    for the others (a scoped allow-list once refused SAM-Med3D-turbo in 6 of 6 starts)."""
+    path = tmp_path / "sam_med3d_turbo.pth"
+    save_in_official_layout(get_spec("sam_med3d"), {"w": torch.arange(4.0)}, path)
+    threads, loads = 16, 25
+    barrier = threading.Barrier(threads)
+    loaded, errors = [], []
 
-    def __init__(self, path):
-        self.path = path
+    def load():
+        barrier.wait()
+        for _ in range(loads):
+            try:
+                checkpoint = read_checkpoint(path)
+                loaded.append((checkpoint["args"].model_type, checkpoint["lr_scheduler_state_dict"]["milestones"][120]))
+            except CheckpointError as error:
+                errors.append(str(error))
 
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
+    workers = [threading.Thread(target=load) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == [] and loaded == [("vit_b_ori", 1)] * (threads * loads), errors[:1]
 
 
 def test_checkpoint_lookup_official_name_or_conf(tmp_path):
@@ -109,9 +182,12 @@ def test_checkpoint_lookup_official_name_or_conf(tmp_path):
                                                             "medsam_point_prompt_flare22.pth", "sam-med2d_b.pth"]
 
 
-def check_command(*args):
+def check_command(*args, entry_point=False):
+    """samlabel-check-checkpoint as `python -m samlabel.cli`, or as the installed command."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "lib")}
-    return subprocess.run([sys.executable, "-m", "samlabel.cli", *map(str, args)], capture_output=True, text=True, env=env)
+    command = [str(Path(sys.executable).with_name("samlabel-check-checkpoint"))] if entry_point else \
+        [sys.executable, "-m", "samlabel.cli"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env)
 
 
 def test_check_command_identifies_official_files(official_files):

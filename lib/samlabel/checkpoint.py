@@ -10,7 +10,7 @@ import argparse
 import collections
 import hashlib
 import pickle
-import zipfile
+import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -48,32 +48,70 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
+def _allow_training_state() -> None:
+    """Add SAFE_GLOBALS to torch's process-wide allow-list. Added, never removed: the
+    torch.serialization.safe_globals context manager removes its types on exit, which strips
+    them from the loads that other threads (the app preloads every model at once) are running."""
+    torch.serialization.add_safe_globals(SAFE_GLOBALS)  # a set union: repeating it is harmless
+
+
+_allow_training_state()
+
+
 def read_checkpoint(path) -> object:
     """The unpickled top-level object of a checkpoint file, loaded on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    _allow_training_state()  # again, in case other code cleared torch's list since import
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - then the file is not a checkpoint at all
-            unsafe = []
-        if unsafe:
-            raise CheckpointError(f"{path}: refused to unpickle: it contains {', '.join(unsafe)}, "
-                                  "which is not weights data") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever torch fails with on a bad file, the file is the problem
+        refused = _disallowed_globals(path, error)
+        if refused:
+            names = ", ".join(refused[:MAX_LISTED])
+            names += f" and {len(refused) - MAX_LISTED} more" if refused[MAX_LISTED:] else ""
+            one = len(refused) == 1
+            raise CheckpointError(f"{path}: refused to unpickle: it contains {names}, which {'is' if one else 'are'} not "
+                                  f"weights data (unpickling {'it' if one else 'them'} could run code); "
+                                  "the file was not loaded") from None
         raise _unreadable(path, error) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise _unreadable(path, error) from None
+
+
+def _disallowed_globals(path, error) -> list:
+    """The pickled globals that weights_only refused; empty when the file failed for another reason."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return []
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    try:  # every refused global of a zip-format file, not only the first one torch stopped at
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - the legacy (non-zip) format: only torch's message names it
+        found = []
+    found = found or re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+    return sorted({name for name in found if name not in allowed})
+
+
+def _reason(error) -> str:
+    """The first sentence of torch's error, without its advice: torch's weights_only errors suggest
+    retrying with weights_only=False, i.e. running whatever code the file holds; never pass that on."""
+    advice = ("weights_only", "Weights only load failed", "Check the documentation")
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line and not any(phrase in line for phrase in advice):
+            return line.split(". ")[0].rstrip(".")
+    return type(error).__name__  # e.g. torch's EOFError on an empty file has no message
 
 
 def _unreadable(path, error) -> CheckpointError:
-    with open(path, "rb") as f:
-        head = f.read(32)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as open_error:
+        return CheckpointError(f"{path}: cannot be read: {open_error.strerror or open_error}")
+    if not head:
+        return CheckpointError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
     return CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint: "
-                           f"it starts with {head!r}): {str(error).splitlines()[0]}")
+                           f"it starts with {head!r}): {_reason(error)}")
 
 
 def state_dict_of(checkpoint: object, spec: ModelSpec, path) -> Dict[str, torch.Tensor]:
@@ -108,7 +146,7 @@ def check_state_dict(state, spec: ModelSpec, path) -> None:
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected)):
         if items:
-            parts.append(f"{len(items)} {label} keys (first: {', '.join(items[:MAX_LISTED])})")
+            parts.append(f"{len(items)} {label} keys (first: {', '.join(map(str, items[:MAX_LISTED]))})")
     if wrong:
         listed = "; ".join(f"{k}: file {list(f)} vs model {list(m)}" for k, f, m in wrong[:MAX_LISTED])
         parts.append(f"{len(wrong)} shape mismatches (first: {listed})")

@@ -35,10 +35,10 @@ def check_checkpoint(path, model_name=None, out=sys.stdout) -> bool:
         try:
             state = state_dict_of(checkpoint, spec, path)
             check_state_dict(state, spec, path)
+            model = load_model(spec, path)  # its errors too are messages, never a traceback
         except CheckpointError as error:
             errors.append(str(error))
             continue
-        model = load_model(spec, path)
         values = sum(t.numel() for t in model.state_dict().values())
         finite = all(torch.isfinite(t).all() for t in model.state_dict().values())
         print(f"model:  {spec.title} ({spec.name}): every key and shape matches, {values:,} values", file=out)
