@@ -106,8 +106,11 @@ class Server:
 
 
 def start_server(
-    app_dir: Path, studies, conf: Optional[Dict[str, str]], work_dir: Path, timeout_s: float = SERVER_START_TIMEOUT_S
+    app_dir: Path, studies, conf: Optional[Dict[str, str]], work_dir: Path, timeout_s: float = SERVER_START_TIMEOUT_S,
+    env: Optional[Dict[str, str]] = None,
 ) -> Server:
+    """``env``: variables set for the server process on top of ours (e.g. TMPDIR)."""
+    extra_env = env
     port = _free_port()
     args = [
         sys.executable, "-m", "monailabel.main", "start_server",
@@ -128,6 +131,7 @@ def start_server(
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(NETWORK_HOOK_SOURCE)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH", "")) if p)
+    env.update(extra_env or {})
 
     log_path = work_dir / "server.log"
     with open(log_path, "wb") as log:
@@ -154,18 +158,19 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def monailabel_server(tmp_path_factory, sample_studies_dir):
-    """Factory: ``monailabel_server(conf=None, studies=None, app_dir=APP_DIR) -> Server``.
+    """Factory: ``monailabel_server(conf=None, studies=None, app_dir=APP_DIR, env=None) -> Server``.
 
     ``studies`` defaults to the session's sample studies folder; servers with the same
     arguments are shared within the session.
     """
     servers: Dict[tuple, Server] = {}
 
-    def factory(conf: Optional[Dict[str, str]] = None, studies=None, app_dir: Path = APP_DIR) -> Server:
+    def factory(conf: Optional[Dict[str, str]] = None, studies=None, app_dir: Path = APP_DIR,
+                env: Optional[Dict[str, str]] = None) -> Server:
         studies = sample_studies_dir if studies is None else studies
-        key = (str(app_dir), str(studies), tuple(sorted((conf or {}).items())))
+        key = (str(app_dir), str(studies), tuple(sorted((conf or {}).items())), tuple(sorted((env or {}).items())))
         if key not in servers:
-            servers[key] = start_server(Path(app_dir), studies, conf, tmp_path_factory.mktemp("monailabel"))
+            servers[key] = start_server(Path(app_dir), studies, conf, tmp_path_factory.mktemp("monailabel"), env=env)
             _running_servers.append(servers[key])
         return servers[key]
 

@@ -26,8 +26,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import samlabel
 from samlabel.configs import config_families
+from samlabel.datastore import hardened_datastore
 from samlabel.images import ImageCache
 from samlabel.registry import get_spec
+from samlabel.server_guards import install_guards
 from samlabel.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ class FastSAM3DApp(MONAILabelApp):
             description += ". Missing checkpoints: " + "; ".join(f"{n}: {m}" for n, m in missing.items())
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FastSAM3D",
                          description=description, version=samlabel.__version__)
+        install_guards(self.settings.upload_mb)  # checked uploads, ids, tags and body sizes
+
+    def init_datastore(self):
+        """Validated ids and tags, atomic writes."""
+        return hardened_datastore(self.studies) or super().init_datastore()
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers = {}

@@ -20,6 +20,7 @@ OUR_KEYS = {
     "image_cache_mb": "memory for loaded images in MB (default 2048)",
     "propagation_seconds": "time bound of the 2D models' 3D propagation tasks (default 60)",
     "<model>_checkpoint": "a checkpoint path instead of model/<official file name>",
+    "upload_mb": "largest request body in MB; larger ones get 413 (default 2048)",
 }
 
 
@@ -35,6 +36,7 @@ class AppSettings:
     dtype: torch.dtype
     image_cache_bytes: float
     propagation_seconds: float
+    upload_mb: float
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str]) -> "AppSettings":
@@ -64,11 +66,13 @@ class AppSettings:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
         image_cache_mb = _number(conf, "image_cache_mb", 2048, 1, math.inf, problems)
         seconds = _number(conf, "propagation_seconds", 60, 0, MAX_PROPAGATION_SECONDS, problems)
+        upload_mb = _number(conf, "upload_mb", 2048, 0.001, math.inf, problems)
         if problems:
             known = "; ".join(f"{k}: {v}" for k, v in OUR_KEYS.items())
             raise ConfError("invalid --conf: " + "; ".join(problems) + f". Known keys: {known}")
         return cls(models=tuple(requested if explicit else models), explicit=explicit, device=device,
-                   dtype=DTYPES[dtype_name], image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds)
+                   dtype=DTYPES[dtype_name], image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds,
+                   upload_mb=upload_mb)
 
 
 def _number(conf: Mapping[str, str], key: str, default: float, low: float, high: float, problems: List[str]) -> float:
