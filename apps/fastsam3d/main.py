@@ -27,9 +27,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 import samlabel
 from samlabel.configs import config_families
 from samlabel.datastore import hardened_datastore
+from samlabel.dicom import as_dicom_seg_store
 from samlabel.images import ImageCache
 from samlabel.registry import get_spec
 from samlabel.server_guards import install_guards
+from samlabel.server_routes import install_routes
 from samlabel.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -58,10 +60,11 @@ class FastSAM3DApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FastSAM3D",
                          description=description, version=samlabel.__version__)
         install_guards(self.settings.upload_mb)  # checked uploads, ids, tags and body sizes
+        install_routes()  # blocking routes in worker threads, clients told apart, DICOMweb proxy keeps queries
 
     def init_datastore(self):
-        """Validated ids and tags, atomic writes."""
-        return hardened_datastore(self.studies) or super().init_datastore()
+        """Validated ids and tags, atomic writes; on DICOMweb: evenly spaced series, DICOM SEG metadata."""
+        return hardened_datastore(self.studies) or as_dicom_seg_store(super().init_datastore())
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers = {}

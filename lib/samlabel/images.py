@@ -34,6 +34,10 @@ def load_image(path: str) -> StoredImage:
     from monai.transforms import LoadImage
 
     key = file_key(path)
+    if os.path.isdir(path):  # a DICOM series folder: refuse unevenly spaced slices (answered 400)
+        from .dicom import check_uniform_slices  # imported here: samlabel.dicom imports monailabel
+
+        check_uniform_slices(path)
     try:
         image = LoadImage(image_only=True, dtype=None)(path)
     except Exception as error:  # noqa: BLE001 - readers raise many types; the client needs the message
