@@ -3,7 +3,6 @@ model with the official structure stands in for the full-size network (same 128^
 
 import os
 import threading
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -17,7 +17,6 @@ looks its stack up on every request, and there the 413 still gets the CORS heade
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tarfile

@@ -20,7 +20,7 @@ from dataclasses import replace
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from ..request import MAX_ENSEMBLE, ClickRequest, integer, parse_click_request, result_options
+from ..request import MAX_ENSEMBLE, integer, parse_click_request, result_options
 from ..transforms import UncertaintyBandsd
 from .base import SamInferTask
 
