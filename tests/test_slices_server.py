@@ -55,6 +55,13 @@ def test_ohif_request_without_slice(slice_server, tmp_path):
     ("sam_med2d", [[30, 20, SLICE], [30, 20, SLICE + 1]], {}, "one slice"),
     ("sam_med2d", [[30, 20, SLICE]], {"slice": SLICE + 2}, "do not all lie on slice"),
     ("medsam", [], {"slice": SLICE, "roi": [10, 10, 12, 30, SLICE, SLICE]}, "empty"),
+    ("sam_med2d", [[30, 20, SLICE]], {"slice": "abc"}, "`slice`"),
+    ("sam_med2d", [[30, 20, SLICE]], {"slice": "5.0"}, "`slice`"),
+    ("sam_med2d", [[30, 20, SLICE]], {"slice": [SLICE]}, "`slice`"),
+    ("medsam", [], {"slice": SLICE, "roi": [10, 40, 12]}, "`roi`"),
+    ("medsam", [], {"slice": SLICE, "roi": [10, 40, 12, float("nan"), SLICE, SLICE]}, "`roi`"),
+    ("sam_med2d_3d", [[30, 20]], {}, "three voxel indices"),
+    ("sam_med2d", [[30, 20, SLICE]], {"uncertainty": True, "ensemble_size": "abc"}, "ensemble_size"),
 ])
 def test_bad_2d_requests(slice_server, model, foreground, extra, message):
     response = slicer_infer(slice_server.url, model, "phantom_ras", foreground, **extra)
