@@ -11,21 +11,32 @@ from test_click3d_server import click_studies  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
-def masks_by_dtype(monailabel_server, click_studies, checkpoints, slice_checkpoints, tmp_path_factory):  # noqa: F811
-    """The same Slicer clicks on float32 and bfloat16 servers: FastSAM3D and SAM-Med2D masks."""
+def masks_by_dtype(click_studies, checkpoints, slice_checkpoints, tmp_path_factory):  # noqa: F811
+    """The same Slicer clicks on float32 and bfloat16 servers: FastSAM3D and SAM-Med2D masks. Each
+    server is stopped once it has answered (two models each: the suite's memory stays bounded)."""
     masks = {}
     for dtype in ("float32", "bfloat16"):
         conf = {"models": "fastsam3d,sam_med2d", "fastsam3d_checkpoint": checkpoints["fastsam3d"],
                 "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"], "dtype": dtype}
-        server = monailabel_server(conf=conf, studies=click_studies)
         folder = tmp_path_factory.mktemp(dtype)
-        for model, extra in (("fastsam3d", {}), ("sam_med2d", {"slice": PHANTOM_CLICK[2]})):
-            response = slicer_infer(server.url, model, "phantom_ras", [PHANTOM_CLICK], client_id=f"dtype-{dtype}", **extra)
-            assert response.status_code == 200, response.text
-            (folder / model).mkdir()
-            _, path = parse_multipart(response, folder / model)
-            masks[dtype, model] = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
-        assert f"torch.{dtype}" in server.log()  # the start-up line names the precision the models run in
+        server = start_server(APP_DIR, click_studies, conf, folder)
+        try:
+            masks.update(click_both(server, folder, dtype))
+        finally:
+            server.stop()
+    return masks
+
+
+def click_both(server, folder, dtype) -> dict:
+    """A FastSAM3D and a SAM-Med2D click, Slicer-shaped: (dtype, model) -> the mask."""
+    masks = {}
+    for model, extra in (("fastsam3d", {}), ("sam_med2d", {"slice": PHANTOM_CLICK[2]})):
+        response = slicer_infer(server.url, model, "phantom_ras", [PHANTOM_CLICK], client_id=f"dtype-{dtype}", **extra)
+        assert response.status_code == 200, response.text
+        (folder / model).mkdir()
+        _, path = parse_multipart(response, folder / model)
+        masks[dtype, model] = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
+    assert f"torch.{dtype}" in server.log()  # the start-up line names the precision the models run in
     return masks
 
 
