@@ -19,11 +19,14 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # Extra server options, e.g. make serve CONF="--conf models fastsam3d"
 CONF ?=
+# `make serve` first fetches the missing official checkpoints (scripts/fetch_checkpoints.py); FETCH=0 skips that.
+FETCH ?= 1
+FETCH_STEP := $(if $(filter 0,$(FETCH)),,checkpoints)
 
 # Debian packages of the front-end tests: OHIF runs in Chromium on an Orthanc DICOMweb store.
 SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2
 
-.PHONY: .venv test serve serve-dicomweb studies system-packages clean
+.PHONY: .venv test serve serve-dicomweb studies checkpoints system-packages clean
 
 .venv: $(STAMP)
 
@@ -47,7 +50,13 @@ system-packages:
 studies: $(STAMP)
 	$(PY) scripts/sample_studies.py $(SAMPLE_STUDIES)
 
-serve: $(STAMP)
+# Downloads and verifies the checkpoints missing from $(APP)/model, or says where to get them; it never
+# stops the server's start (offline, or a refused download, it reports and the server starts without them).
+checkpoints: $(STAMP)
+	$(PY) scripts/fetch_checkpoints.py --model-dir $(APP)/model || \
+	  echo "fetch_checkpoints: not every checkpoint could be fetched and verified (see above); the server starts anyway"
+
+serve: $(STAMP) $(FETCH_STEP)
 ifeq ($(STUDIES),$(SAMPLE_STUDIES))
 	$(PY) scripts/sample_studies.py $(SAMPLE_STUDIES)
 endif
@@ -56,7 +65,7 @@ endif
 	  --host $(HOST) --port $(PORT) $(CONF)
 
 # The app on a DICOMweb store: Orthanc on loopback with the synthetic CT series (scripts/dicomweb_store.py).
-serve-dicomweb: $(STAMP) system-packages
+serve-dicomweb: $(STAMP) $(FETCH_STEP) system-packages
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" \
 	  $(PY) scripts/dicomweb_store.py --work-dir dicomweb-store -- \
 	  $(VENV)/bin/monailabel start_server --app $(APP) --studies http://127.0.0.1:8042/dicom-web \

@@ -20,34 +20,45 @@ COLUMNS, ROWS, SLICES = 97, 61, 9  # non-square slices: i is the column (x), j t
 
 def test_ct_window_is_level_40_width_400():
     array = np.array([[[-1000, -160, 40]], [[240, 1000, 0]]], dtype=np.int16)
-    assert intensity_window(array) == (-160.0, 240.0)
-    scaled = to_uint8_range(array[:, :, 0], (-160.0, 240.0))
-    assert scaled.tolist() == [[0.0], [255.0]]  # -1000 clipped to -160 -> 0; 240 -> 255
-    assert to_uint8_range(np.array([[40.0]]), (-160.0, 240.0)).item() == pytest.approx(127.5)
-    assert to_uint8_range(np.array([[0.0]]), (-160.0, 240.0)).item() == pytest.approx(102.0)  # CT: 0 HU is not background
+    window = intensity_window(array)
+    assert (window.lower, window.upper, window.minimum, window.maximum) == (-160.0, 240.0, -160.0, 240.0)
+    scaled = to_uint8_range(array[:, :, 0], window)
+    assert scaled.dtype == np.uint8 and scaled.tolist() == [[0], [255]]  # -1000 clipped to -160 -> 0; 240 -> 255
+    assert to_uint8_range(np.array([[40]], dtype=np.int16), window).item() == 127  # 127.5, truncated as np.uint8 does
+    assert to_uint8_range(np.array([[0]], dtype=np.int16), window).item() == 102  # CT: 0 HU is not background
 
 
-def test_mr_uses_percentiles_of_nonzero_voxels_and_keeps_zero():
+def test_ct_min_max_runs_over_the_clipped_volume():
+    """pre_CT_MR.py scales by the clipped volume's own min and max: a CT that never reaches 240 HU
+    gets its brightest voxel at 255."""
+    array = np.array([[[-1000, 40, 140]]], dtype=np.int16)
+    window = intensity_window(array)
+    assert (window.minimum, window.maximum) == (-160.0, 140.0)
+    assert to_uint8_range(array[0], window).tolist() == [[0, 170, 255]]
+
+
+def test_mr_uses_percentiles_of_positive_voxels_and_keeps_zero():
     values = np.concatenate([np.zeros(500), np.arange(1, 1001)]).reshape(10, 150, 1)
-    low, high = intensity_window(values)
-    nonzero = np.arange(1, 1001)
-    assert (low, high) == pytest.approx((np.percentile(nonzero, 0.5), np.percentile(nonzero, 99.5)))
-    scaled = to_uint8_range(values[:, :, 0], (low, high))
-    assert scaled[values[:, :, 0] == 0].max() == 0 and scaled.max() == 255
+    window = intensity_window(values)
+    positive = np.arange(1, 1001)
+    assert (window.lower, window.upper) == pytest.approx((np.percentile(positive, 0.5), np.percentile(positive, 99.5)))
+    scaled = to_uint8_range(values[:, :, 0], window)
+    assert scaled[values[:, :, 0] == 0].max() == 0 and scaled.max() == 255 and scaled.dtype == np.uint8
 
 
 def test_medsam_preprocessing_is_three_channels_in_unit_range():
-    slice_255 = torch.linspace(0, 255, 61 * 97).reshape(61, 97)
-    image = preprocess_medsam(slice_255)
-    assert image.shape == (1, 3, 1024, 1024)
-    assert image.min() == 0 and image.max() == 1 and torch.equal(image[:, 0], image[:, 2])
+    slice_u8 = np.linspace(0, 255, 61 * 97).reshape(61, 97).astype(np.uint8)
+    image = preprocess_medsam(slice_u8)
+    assert image.shape == (1, 3, 1024, 1024) and image.dtype == torch.float32
+    assert image.min() == 0 and image.max() == 1
     assert image[0, 0, 0, 0] < image[0, 0, -1, -1]  # no flips: top-left stays dark
+    assert len(torch.unique(image)) <= 256  # a uint8 picture, min-max normalised
 
 
 def test_sam_med2d_preprocessing_is_sam_normalisation_then_nearest_resize():
-    slice_255 = torch.zeros(61, 97)
-    slice_255[0, 0] = 255.0
-    image = preprocess_sam_med2d(slice_255)
+    slice_u8 = np.zeros((61, 97), dtype=np.uint8)
+    slice_u8[0, 0] = 255
+    image = preprocess_sam_med2d(slice_u8)
     assert image.shape == (1, 3, 256, 256)
     background = (torch.tensor([0.0, 0.0, 0.0]) - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
     assert torch.allclose(image[0, :, -1, -1], background)

@@ -9,7 +9,8 @@ the image's own grid.
 
 import time
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from functools import partial
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,22 +52,45 @@ def resize_to_slice(maps: np.ndarray, columns: int, rows: int) -> np.ndarray:
     return resized[0].transpose(1, 2).numpy()
 
 
-def slice_masks(logits: np.ndarray, columns: int, rows: int) -> np.ndarray:
-    """The official output: sigmoid of the low-res logits, bilinear to the slice's own pixels,
-    > 0.5; (S, L, L) -> (S, columns, rows) bool."""
-    return resize_to_slice(1 / (1 + np.exp(-logits)), columns, rows) > 0.5
+# The official inference code's masks, one function per model family (registry field
+# `mask_postprocess`): low-res logits (S, L, L) -> masks (S, columns, rows) on the slice's own
+# pixels. Each map goes through torch on its own, as a (1, 1, L, L) tensor, as there.
+
+
+def _each_map(logits: np.ndarray, mapping) -> np.ndarray:
+    maps = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return np.stack([mapping(maps[s][None, None])[0, 0].numpy().T for s in range(len(maps))])
+
+
+def medsam_masks(logits: np.ndarray, columns: int, rows: int, input_size: int) -> np.ndarray:
+    """MedSAM (MedSAM_Inference.py's medsam_inference, the point-prompt tutorial's infer):
+    the sigmoid of the low-res logits, bilinear (align_corners=False) to the slice, > 0.5."""
+    def mapping(low_res):
+        return F.interpolate(torch.sigmoid(low_res), size=(rows, columns), mode="bilinear", align_corners=False) > 0.5
+    return _each_map(logits, mapping)
+
+
+def sam_med2d_masks(logits: np.ndarray, columns: int, rows: int, input_size: int) -> np.ndarray:
+    """SAM-Med2D (SammedPredictor.postprocess_masks, then predict_torch): the low-res logits
+    bilinear to the model input (input_size^2), then bilinear to the slice, then sigmoid > 0.5."""
+    def mapping(low_res):
+        at_input = F.interpolate(low_res, size=(input_size, input_size), mode="bilinear", align_corners=False)
+        return torch.sigmoid(F.interpolate(at_input, size=(rows, columns), mode="bilinear", align_corners=False)) > 0.5
+    return _each_map(logits, mapping)
 
 
 @dataclass(frozen=True)
 class SliceGeometry:
-    """Where a 2D model's low-res maps (1, S, L, L) lie: channel s on slice slices[s]."""
+    """Where a 2D model's low-res maps (1, S, L, L) lie: channel s on slice slices[s]; masks maps
+    logits (S, L, L) to masks (S, columns, rows) the model's official way."""
 
     slices: Tuple[int, ...]
     image_shape: Tuple[int, int, int]
+    masks: Callable[[np.ndarray, int, int], np.ndarray]
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         mask = np.zeros(self.image_shape, dtype=np.uint8, order="F")
-        mask[:, :, list(self.slices)] = slice_masks(logits[0], *self.image_shape[:2]).transpose(1, 2, 0)
+        mask[:, :, list(self.slices)] = self.masks(logits[0], *self.image_shape[:2]).transpose(1, 2, 0)
         return mask
 
     def field(self, values: np.ndarray) -> np.ndarray:
@@ -84,6 +108,13 @@ class SliceSegmenter(ClickEngine):
 
     def make_predictor(self, model) -> SamPredictor2D:
         return SamPredictor2D(model, self.spec.preprocess, self.dtype)
+
+    def slice_masks(self, logits: np.ndarray, columns: int, rows: int) -> np.ndarray:
+        """Low-res logits (S, L, L) -> masks (S, columns, rows), the model's official way."""
+        return self._masks()(logits, columns, rows)
+
+    def _masks(self) -> Callable[[np.ndarray, int, int], np.ndarray]:
+        return partial(self.spec.mask_postprocess, input_size=self.spec.input_size[0])
 
     def predict(self, image_path: str, request: ClickRequest) -> dict:
         image = self.images.get(image_path)
@@ -108,8 +139,8 @@ class SliceSegmenter(ClickEngine):
             predictor.set_embedding(self._embedding(predictor, image, slice_index))
             logits, _ = self.decode(predictor, prompts, previous_logits, request.ensemble_size)
         info = {"model": self.spec.name, "slice": slice_index, "embedding_reused": self.encoder_runs == runs}
-        return {"logits": logits, "geometry": SliceGeometry((slice_index,), image.array.shape), "affine": image.affine,
-                "result": info, "click_request": request, "image_path": image_path,
+        return {"logits": logits, "geometry": SliceGeometry((slice_index,), image.array.shape, self._masks()),
+                "affine": image.affine, "result": info, "click_request": request, "image_path": image_path,
                 "interaction": Interaction(image.key, clicks, slice_index)}
 
     def propagate(self, image_path: str, request: ClickRequest, seconds: float = 60.0) -> dict:
@@ -124,7 +155,7 @@ class SliceSegmenter(ClickEngine):
         columns, rows, depth = image.array.shape
         scale = np.array([self.spec.input_size[0] / columns, self.spec.input_size[0] / rows])
         start_logits = data["logits"][:1]
-        start_mask = slice_masks(start_logits[0], columns, rows)[0]
+        start_mask = self.slice_masks(start_logits[0], columns, rows)[0]
         start_area = int(start_mask.sum())
         covered = {start: start_logits}
         deadline = time.monotonic() + seconds
@@ -147,7 +178,7 @@ class SliceSegmenter(ClickEngine):
                 with self._model_lock:
                     predictor.set_embedding(self._embedding(predictor, image, k))
                     logits, _ = self.spec.prompt.decode(predictor, prompts, neighbour_logits)
-                current = slice_masks(logits[0], columns, rows)[0]
+                current = self.slice_masks(logits[0], columns, rows)[0]
                 area = int(current.sum())
                 if area == 0 or (current & neighbour).sum() < 0.5 * min(area, neighbour.sum()) or area < 0.05 * start_area:
                     break
@@ -155,7 +186,7 @@ class SliceSegmenter(ClickEngine):
                 neighbour, neighbour_logits, k = current, logits, k + direction
         slices = tuple(sorted(covered))
         data["logits"] = np.concatenate([covered[k] for k in slices], axis=1)  # (1, S, L, L)
-        data["geometry"] = SliceGeometry(slices, image.array.shape)
+        data["geometry"] = SliceGeometry(slices, image.array.shape, self._masks())
         data["result"].update({"slices": [slices[0], slices[-1]], "stopped": stopped})
         data["interaction"] = None
         return data

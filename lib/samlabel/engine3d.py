@@ -1,5 +1,9 @@
 """Interactive click segmentation with the 3D models (FastSAM3D, SAM-Med3D-turbo).
 
+The window is a 128^3 grid of 1.5 mm voxels sampled from the stored image as the official
+pipeline samples it (geometry.sample_window); ModelSpec.window_grid says whether it is centred on
+the clicks ("clicks") or placed on the official 1.5 mm grid ("official", geometry.place_window).
+
 Per click: the model window is kept while the clicks stay inside it, so its embedding (cached
 per image file and window) is reused and only the decoder runs; the previous low-res logits of
 the same interaction are the mask prompt.
@@ -9,7 +13,7 @@ import numpy as np
 
 from .engine import ClickEngine, Interaction
 from .errors import InputError
-from .geometry import WindowGeometry, apply, place_window, sample_window
+from .geometry import WINDOW_GRIDS, WindowGeometry, apply, place_window, sample_window
 from .predictor import SamPredictor3D
 from .request import ClickRequest
 
@@ -18,6 +22,12 @@ WINDOW_MARGIN_VOXELS = 4  # a click closer than this to the window's faces moves
 
 class ClickSegmenter3D(ClickEngine):
     dimension = 3
+
+    def __init__(self, spec, *args, **kwargs):
+        grid = spec.window_grid
+        if grid not in WINDOW_GRIDS:  # a registry typo stops the app at start-up, not at the first click
+            raise ValueError(f"{spec.name}: window_grid must be one of {', '.join(WINDOW_GRIDS)}, got {grid!r}")
+        super().__init__(spec, *args, **kwargs)
 
     def make_predictor(self, model) -> SamPredictor3D:
         return SamPredictor3D(model, self.dtype)
@@ -36,7 +46,8 @@ class ClickSegmenter3D(ClickEngine):
             known = set(previous.clicks) if previous is not None else set()
             positives = [i for i, click in enumerate(clicks) if click[1] == 1]
             new = [i for i in positives if clicks[i] not in known] or positives
-            window = place_window(image.affine, clicks_ras, size, self.spec.spacing_mm, anchor_ras=clicks_ras[new[-1]])
+            window = place_window(image.affine, clicks_ras, size, self.spec.spacing_mm, anchor_ras=clicks_ras[new[-1]],
+                                  grid=self.spec.window_grid)
         inside = window.contains(clicks_ras)
         if not any(label == 1 and ok for (_, label), ok in zip(clicks, inside)):
             raise InputError("no positive click inside the model window")

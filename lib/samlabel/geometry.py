@@ -1,11 +1,14 @@
 """Geometry between the stored image, the model's window, and back.
 
-The official 3D pipeline resamples the image to 1.5 mm, reorients it to RAS+ (TorchIO
-ToCanonical: the closest permutation/flip of the image's own axes), crops 128^3 around the
-target and z-normalises over voxels > 0. We build the same window directly: a 128^3 grid of
-1.5 mm voxels along the image's own axes, permuted and flipped to RAS+, centred on the clicks,
-and sample the stored array through the affines in one trilinear interpolation. Nothing else
-of the volume is resampled or reoriented.
+The official 3D pipeline (SAM-Med3D's utils/infer_utils.py) resamples the image to 1.5 mm with
+TorchIO's Resample (SimpleITK linear interpolation), reorients it to RAS+ (ToCanonical: the
+closest permutation/flip of the image's own axes), crops 128^3 around the target (CropOrPad with
+mask_name) and z-normalises over voxels > 0. We build the same window directly: a 128^3 grid of
+1.5 mm voxels along the image's own axes, permuted and flipped to RAS+, and sample the stored
+array through the affines in one trilinear interpolation with SimpleITK's border and cast rules
+(`sample_window`). Nothing else of the volume is resampled or reoriented. The window is centred
+on the clicks (grid "clicks") or placed on the official 1.5 mm grid with CropOrPad's rounding
+(grid "official", `place_window`), where our encoder input equals the official one.
 
 Affines map voxel indices of an array, in the array's axis order, to RAS millimetres.
 """
@@ -61,27 +64,87 @@ def window_around(image_affine: np.ndarray, center_ras: np.ndarray, size: int = 
     return Window(affine, size)
 
 
+WINDOW_GRIDS = ("clicks", "official")  # ModelSpec.window_grid: where place_window puts the window
+
+
+def official_grid(image_affine: np.ndarray, spacing: float = 1.5) -> np.ndarray:
+    """The 1.5 mm grid the official preprocessing puts the image on, as an affine (grid index in
+    RAS+ axis order -> RAS mm; the index labels are arbitrary, only the lattice counts).
+
+    TorchIO's Resample(spacing) up to 0.20.10 (the torchio of SAM-Med3D's inference code, see
+    README "Faithful to the checkpoints") keeps the image's direction and its outer corner: the
+    first output voxel's centre lies at continuous index 0.5 * (spacing / zoom - 1) of the image
+    along each axis, so the outer faces of the first voxels coincide. ToCanonical then permutes and
+    flips the axes to RAS+, which relabels the same lattice points."""
+    zooms = np.linalg.norm(image_affine[:3, :3], axis=0)
+    first = 0.5 * (spacing / zooms - 1)  # image continuous index of the resampled voxel 0
+    affine = np.eye(4)
+    affine[:3, :3] = ras_axes(image_affine) * spacing
+    affine[:3, 3] = apply(image_affine, first)[0]
+    return affine
+
+
 def place_window(image_affine: np.ndarray, clicks_ras: np.ndarray, size: int = 128, spacing: float = 1.5,
-                 anchor_ras: Optional[np.ndarray] = None) -> Window:
-    """A window holding all clicks: centred on their bounding box in window axes. Where they span
-    more than the window along an axis, that axis is centred on `anchor_ras` (the newest click)
-    instead, so the newest click is always inside and the farthest clicks fall out."""
+                 anchor_ras: Optional[np.ndarray] = None, grid: str = "clicks") -> Window:
+    """A window holding all clicks. Where they span more than the window along an axis, that
+    axis is placed on `anchor_ras` (the newest click) instead, so the newest click is always
+    inside and the farthest clicks fall out.
+
+    grid "clicks": centred exactly on the clicks' bounding box in window axes.
+    grid "official": on the official 1.5 mm grid (`official_grid`), placed as TorchIO's
+    CropOrPad(mask_name=...) places its crop around a mask: the mask is the grid voxels holding
+    the clicks (nearest voxel centre), its bounding box [lo, hi + 1) has centre c = (lo + hi + 1)/2,
+    which moves down by half a voxel when c is not a whole index for an even size (or is one for
+    an odd size), and the crop starts at c - size / 2. One click in voxel v: window voxels
+    v - 64 ... v + 63 along +R, +A, +S (the click at window index 64)."""
+    clicks_ras = np.asarray(clicks_ras, dtype=np.float64).reshape(-1, 3)
+    anchor = np.asarray(anchor_ras if anchor_ras is not None else clicks_ras[-1], dtype=np.float64).reshape(3)
+    if grid == "official":
+        lattice = official_grid(image_affine, spacing)
+        to_lattice = np.linalg.inv(lattice)
+        voxels = np.floor(apply(to_lattice, clicks_ras) + 0.5)  # the grid voxel holding each click
+        low, high = voxels.min(0), voxels.max(0)
+        too_wide = high - low + 1 > size
+        if too_wide.any():
+            anchor_voxel = np.floor(apply(to_lattice, anchor)[0] + 0.5)
+            low, high = np.where(too_wide, anchor_voxel, low), np.where(too_wide, anchor_voxel, high)
+        centre = (low + high + 1) / 2
+        on_index = centre % 1 == 0
+        centre = np.where(on_index ^ (size % 2 == 0), centre - 0.5, centre)  # even size: a whole index
+        begin = centre - size / 2
+        affine = lattice.copy()
+        affine[:3, 3] = apply(lattice, begin)[0]
+        return Window(affine, size)
+    if grid != "clicks":
+        raise ValueError(f"window grid must be one of {', '.join(WINDOW_GRIDS)}, got {grid!r}")
     axes = ras_axes(image_affine)
-    along = np.asarray(clicks_ras, dtype=np.float64).reshape(-1, 3) @ axes  # mm along the window axes
+    along = clicks_ras @ axes  # mm along the window axes
     low, high = along.min(0), along.max(0)
     center = (low + high) / 2
     too_wide = high - low > (size - 1) * spacing + 1e-6
     if too_wide.any():
-        anchor = np.asarray(anchor_ras if anchor_ras is not None else clicks_ras[-1], dtype=np.float64) @ axes
-        center = np.where(too_wide, anchor, center)
+        center = np.where(too_wide, anchor @ axes, center)
     return window_around(image_affine, axes @ center, size, spacing)
 
 
 def sample_window(volume: np.ndarray, image_affine: np.ndarray, window: Window) -> torch.Tensor:
-    """Trilinear samples of the stored array on the window grid, 0 outside the image: (size,)*3.
+    """The stored array on the window grid, as SimpleITK's linear ResampleImageFilter (the official
+    pipeline's resampling, through TorchIO) gives it: (size,)*3 float32.
+
+    - Trilinear interpolation between voxel centres (integer indices).
+    - Border: a point within half a voxel of the image (continuous index in [-0.5, n - 0.5) along
+      every axis, ITK's IsInsideBuffer) takes the interpolation with the neighbours clamped to the
+      image, i.e. the edge value across the outer half voxel; farther out it is 0 (ITK's default
+      pixel value, and CropOrPad's zero padding).
+    - Integer images: the interpolated value is cast back to the stored type as ITK does (clamped to
+      the type's range, truncated toward zero), since the official pipeline resamples the image in
+      its own pixel type before normalising; interpolation then runs in float64, as ITK's (and for
+      float64 images; float32 otherwise).
 
     The window's axes are the image's own axes (permuted, flipped, rescaled), so trilinear
     interpolation is three 1-D interpolations, one along each axis."""
+    integer = np.issubdtype(volume.dtype, np.integer)
+    dtype = np.float64 if integer or volume.dtype == np.float64 else np.float32
     axes, scale, offset = _axis_map(window, image_affine)
     u = np.arange(window.size, dtype=np.float64)
     positions = [offset[r] + scale[r] * u for r in range(3)]  # image index along axes[r]
@@ -92,10 +155,14 @@ def sample_window(volume: np.ndarray, image_affine: np.ndarray, window: Window) 
     crop = [slice(0, 0)] * 3
     for r, a in enumerate(axes):
         crop[a] = slice(low[r], high[r])
-    block = torch.from_numpy(np.ascontiguousarray(volume[tuple(crop)], dtype=np.float32)).permute(*axes)
-    for r in range(3):
-        block = _interpolate_axis(block, r, positions[r] - low[r], border=False)
-    return block.contiguous()
+    block = torch.from_numpy(np.ascontiguousarray(volume[tuple(crop)], dtype=dtype)).permute(*axes)
+    for r, a in enumerate(axes):
+        inside = (positions[r] >= -0.5) & (positions[r] < volume.shape[a] - 0.5)
+        block = _interpolate_axis(block, r, positions[r] - low[r], border=True, valid=inside)
+    if integer:
+        info = np.iinfo(volume.dtype)
+        block = torch.trunc(block.clamp(float(info.min), float(info.max)))
+    return block.to(torch.float32).contiguous()
 
 
 def logits_to_image(logits: np.ndarray, window: Window, image_shape: Tuple[int, int, int],
@@ -150,22 +217,26 @@ def _axis_map(window: Window, image_affine: np.ndarray):
     return [int(a) for a in axes], scale, window_to_image[axes, 3]
 
 
-def _interpolate_axis(values: torch.Tensor, dim: int, positions: np.ndarray, border: bool) -> torch.Tensor:
+def _interpolate_axis(values: torch.Tensor, dim: int, positions: np.ndarray, border: bool,
+                      valid: Optional[np.ndarray] = None) -> torch.Tensor:
     """Linear interpolation of `values` along `dim` at continuous indices `positions`; outside
     the axis: 0 (border=False) or the edge value (border=True), as grid_sample's padding modes.
+    Positions where `valid` is False give 0. Runs in the dtype of `values`.
 
     Short axes (the 32 low-res cells) go through a matrix product with the interpolation
     matrix; long ones (image blocks) through gathers of the two neighbours."""
     n = values.shape[dim]
     x = np.clip(positions, 0, n - 1) if border else positions
     lower = np.floor(x).astype(np.int64)
+    keep = np.ones(len(positions), bool) if valid is None else np.asarray(valid, bool)
     neighbours = []
     for index, weight in ((lower, 1 - (x - lower)), (lower + 1, x - lower)):
-        valid = (index >= 0) & (index < n)
-        neighbours.append((torch.from_numpy(np.clip(index, 0, n - 1)), torch.from_numpy(np.where(valid, weight, 0.0)).float()))
+        ok = (index >= 0) & (index < n) & keep
+        neighbours.append((torch.from_numpy(np.clip(index, 0, n - 1)),
+                           torch.from_numpy(np.where(ok, weight, 0.0)).to(values.dtype)))
     moved = values.movedim(dim, -1)
     if n <= 64:
-        matrix = torch.zeros(len(positions), n)
+        matrix = torch.zeros(len(positions), n, dtype=values.dtype)
         for index, weight in neighbours:
             matrix.index_put_((torch.arange(len(positions)), index), weight, accumulate=True)
         return (moved @ matrix.T).movedim(-1, dim)

@@ -29,7 +29,18 @@ class ModelSpec:
     checkpoint_key: Optional[str]  # entry of the checkpoint dict holding the state dict (None: the file is one)
     source: str  # where users download the checkpoint
     spacing_mm: Optional[float] = None  # 3D: isotropic spacing of the model window
+    # 3D: where the window goes (geometry.place_window): "clicks" centres it on the clicks, "official"
+    # puts it on the official pipeline's 1.5 mm grid with TorchIO CropOrPad's rounding
+    window_grid: str = "clicks"
     tasks: Tuple[str, ...] = ("clicks", "uncertainty")  # the MONAI Label tasks it is served as (TASK_KINDS)
+    # 2D: the official inference code's mask, f(low-res logits (S, L, L), columns, rows, input_size=...)
+    # -> bool (S, columns, rows) on the slice's pixels (samlabel.engine2d: medsam_masks, sam_med2d_masks)
+    mask_postprocess: Optional[Callable] = None
+    # Where scripts/fetch_checkpoints.py gets the official file (`make serve`; the app never downloads):
+    hf_repo: Optional[str] = None  # Hugging Face model repo that publishes it, e.g. "techlove/FastSAM3D"
+    hf_filename: Optional[str] = None  # its path in hf_repo (None: checkpoint_file)
+    hf_revision: str = "main"  # branch, tag or commit of hf_repo
+    download_page: Optional[str] = None  # no library fetches it (Google Drive): the page a person downloads it from
 
 
 MODELS: Dict[str, ModelSpec] = {}
