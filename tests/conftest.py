@@ -161,7 +161,7 @@ def monailabel_server(tmp_path_factory, sample_studies_dir):
     """Factory: ``monailabel_server(conf=None, studies=None, app_dir=APP_DIR, env=None) -> Server``.
 
     ``studies`` defaults to the session's sample studies folder; servers with the same
-    arguments are shared within the session.
+    arguments are shared within the session; ``monailabel_server.stop_all()`` stops them.
     """
     servers: Dict[tuple, Server] = {}
 
@@ -174,12 +174,19 @@ def monailabel_server(tmp_path_factory, sample_studies_dir):
             _running_servers.append(servers[key])
         return servers[key]
 
-    try:
-        yield factory
-    finally:
+    def stop_all() -> None:
+        """Stop the shared servers (a later call of the factory starts them again): for tests that
+        need much memory of their own, so that the suite fits the CI machine's 24 GB."""
         for server in servers.values():
             server.stop()
             _running_servers.remove(server)
+        servers.clear()
+
+    factory.stop_all = stop_all
+    try:
+        yield factory
+    finally:
+        stop_all()
 
 
 def write_seeded_checkpoints(folder: Path, seeds: Dict[str, int]) -> Dict[str, Path]:

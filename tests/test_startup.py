@@ -56,9 +56,10 @@ def first_clicks_at_once(url) -> dict:
     return answers
 
 
-def test_every_model_loads_at_start_up(tmp_path, phantom_studies, checkpoints, slice_checkpoints):
+def test_every_model_loads_at_start_up(tmp_path, phantom_studies, checkpoints, slice_checkpoints, monailabel_server):
     """Each fresh start: no model's load fails (the parallel loads once stripped each other's
     allow-list and SAM-Med3D-turbo was refused), and the first clicks to all four models are 200."""
+    monailabel_server.stop_all()  # four full-size models of its own: the earlier tests' servers make room
     conf = all_models_conf(checkpoints, slice_checkpoints)
     for start in range(STARTS):
         began, work_dir = time.monotonic(), tmp_path / f"start-{start}"
