@@ -7,7 +7,6 @@ inputs, and the masks of seeded low-res logits (`designed_logits`, rebuilt here 
 """
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import load_module
 from samlabel.engine2d import SliceSegmenter, medsam_masks, sam_med2d_masks
 from samlabel.images import load_image
 from samlabel.predictor2d import SamPredictor2D, intensity_window, to_uint8_range
@@ -31,14 +31,7 @@ PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_reference_2d", REPO / "scripts" / "make_reference_2d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GENERATOR = _generator()
+GENERATOR = load_module(REPO / "scripts" / "make_reference_2d.py")
 
 
 def ref(case: str, key: str) -> np.ndarray:

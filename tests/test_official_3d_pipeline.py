@@ -23,7 +23,6 @@ directly against its ResampleImageFilter, on any geometry, without the reference
 """
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +32,7 @@ import SimpleITK as sitk
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from conftest import load_module
 from samlabel.geometry import Window, WindowGeometry, official_grid, place_window, ras_axes, sample_window
 from samlabel.predictor import normalise_intensity
 
@@ -45,14 +45,7 @@ MAX_TIE_FRACTION = 5e-3  # of the compared voxels (measured: 0.005-0.34 %)
 TIE_HU = 1e-2  # a tie: the exact interpolated value is this close to a whole number
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_reference_3d", REPO / "scripts" / "make_reference_3d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_reference = _load_script()
+make_reference = load_module(REPO / "scripts" / "make_reference_3d.py")
 
 
 @pytest.fixture(scope="module")
