@@ -110,7 +110,6 @@ def start_server(
     env: Optional[Dict[str, str]] = None,
 ) -> Server:
     """``env``: variables set for the server process on top of ours (e.g. TMPDIR)."""
-    extra_env = env
     port = _free_port()
     args = [
         sys.executable, "-m", "monailabel.main", "start_server",
@@ -120,23 +119,23 @@ def start_server(
     for key, value in (conf or {}).items():
         args += ["--conf", str(key), str(value)]
 
-    env = dict(os.environ)
+    process_env = dict(os.environ)
     # The venv's bin first: dcmqi's itkimage2segimage lives there (else MONAI Label downloads it).
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["MONAI_LABEL_SESSION_PATH"] = str(work_dir / "sessions")
-    env["MONAI_LABEL_DATASTORE_CACHE_PATH"] = str(work_dir / "cache")
-    env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(work_dir / "dicomweb-cache")
-    env["PYTHONUNBUFFERED"] = "1"
+    process_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + process_env.get("PATH", "")
+    process_env["MONAI_LABEL_SESSION_PATH"] = str(work_dir / "sessions")
+    process_env["MONAI_LABEL_DATASTORE_CACHE_PATH"] = str(work_dir / "cache")
+    process_env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(work_dir / "dicomweb-cache")
+    process_env["PYTHONUNBUFFERED"] = "1"
     hook_dir = work_dir / "network-hook"
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(NETWORK_HOOK_SOURCE)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH", "")) if p)
-    env.update(extra_env or {})
+    process_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), process_env.get("PYTHONPATH", "")) if p)
+    process_env.update(env or {})
 
     log_path = work_dir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            args, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            args, cwd=work_dir, env=process_env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, args=args)
