@@ -57,6 +57,19 @@ LABELMAP_STATS_JS = """() => {
           min: lo, max: hi, values, slices};
 }"""
 
+# label -> [segment index, [r, g, b]] of the segments OHIF made from the labels of /info/.
+SEGMENTS_JS = """(viewportId) => {
+  const segmentation = window.services.segmentationService.getSegmentation('1');
+  const color = window.cornerstoneTools.segmentation.config.color;
+  const found = {};
+  for (const [index, segment] of Object.entries(segmentation.segments)) {
+    if (!segment) continue;
+    const rgba = color.getSegmentIndexColor(viewportId, '1', Number(index));
+    found[segment.label] = [Number(index), Array.from(rgba).slice(0, 3)];
+  }
+  return found;
+}"""
+
 
 class OhifSession:
     """One browser page on OHIF's MONAI Label mode. Use as a context manager."""
@@ -206,6 +219,24 @@ class OhifSession:
 
     def labelmap(self) -> dict:
         return self.page.evaluate(LABELMAP_STATS_JS)
+
+    def segments(self) -> dict:
+        """OHIF's segments of segmentation '1' as drawn in the axial view: label -> (index, RGB)."""
+        return self.page.evaluate(SEGMENTS_JS, AXIAL)
+
+    def tick_option(self, model: str, key: str) -> None:
+        """Open the panel's Options / Configurations dialog and tick a boolean config key of a model
+        (sent with that model's later requests once confirmed)."""
+        page = self.page
+        page.get_by_text("Options / Configurations").first.click()
+        dialog = page.locator("div.optionsForm")
+        dialog.locator("select[name='selectSection']").select_option("infer")
+        dialog.locator("select[name='selectName']").select_option(model)
+        dialog.locator(f"input[id='infer{model}{key}']").check()
+
+    def confirm_options(self) -> None:
+        self.page.get_by_role("button", name="Confirm").click()
+        self.page.locator("div.optionsForm").wait_for(state="detached", timeout=10_000)
 
     def image_dimensions(self) -> list:
         return self.page.evaluate(_viewport_js("return Array.from(data.getDimensions());"))

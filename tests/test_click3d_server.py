@@ -94,9 +94,11 @@ def parse_multipart(response, tmp_path, extension=".nrrd"):
     return json.loads(parts["params"]), result
 
 
-def ohif_infer(url, model, image, foreground, background=()):
-    """POST /infer as OHIF's MonaiLabelClient does: output=image, no label, no client_id."""
-    params = {"foreground": [list(map(int, p)) for p in foreground], "background": [list(map(int, p)) for p in background],
+def ohif_infer(url, model, image, foreground, background=(), **options):
+    """POST /infer as OHIF's MonaiLabelClient does: output=image, no label, no client_id; options:
+    the config keys a user changed in its Options dialog."""
+    params = {**options, "foreground": [list(map(int, p)) for p in foreground],
+              "background": [list(map(int, p)) for p in background],
               "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
     return requests.post(f"{url}/infer/{model}", params={"image": image, "output": "image"},
                          files={"params": (None, json.dumps(params))}, timeout=TIMEOUT)
@@ -120,7 +122,7 @@ def test_info_lists_both_models_for_slicer_and_ohif(server):
     for name in ("fastsam3d", "sam_med3d"):
         model = info["models"][name]
         assert model["type"] == "deepgrow" and model["dimension"] == 3
-        assert model["labels"] == ["segment"]  # OHIF offers a segment only for declared labels
+        assert model["labels"] == ["region 1"]  # OHIF offers a segment only for declared labels
         assert "reset_state" in model["config"] and "device" in model["config"]
 
 
@@ -167,6 +169,22 @@ def test_ohif_request_returns_voxels_in_the_stored_order(server, click_studies, 
     data, header = nrrd.read(str(path))  # index order as stored: (i, j, k)
     assert data.shape == PHANTOM_SHAPE and data.sum() > 0
     assert_same_geometry(sitk.ReadImage(str(path)), sitk.ReadImage(str(click_studies / f"{name}.nii.gz")))
+
+
+def test_ohif_save_label_option_keeps_the_result_as_the_final_label(server, click_studies, tmp_path):
+    """OHIF's Options dialog sends a task's config keys with the click: save_label=true stores the
+    result as the image's `final` label (the task's label_tag), voxel for voxel."""
+    name, click = "phantom_permuted", phantom_copies()["phantom_permuted"][2]
+    response = ohif_infer(server.url, "sam_med3d", name, [click], save_label=True)
+    assert response.status_code == 200, response.text
+    (tmp_path / "result.nrrd").write_bytes(response.content)
+    saved = requests.get(f"{server.url}/datastore/label", params={"label": name, "tag": "final"}, timeout=30)
+    assert saved.status_code == 200
+    (tmp_path / "saved.nrrd").write_bytes(saved.content)
+    result, saved = (sitk.ReadImage(str(tmp_path / f)) for f in ("result.nrrd", "saved.nrrd"))
+    assert_same_geometry(saved, sitk.ReadImage(str(click_studies / f"{name}.nii.gz")))
+    assert np.array_equal(sitk.GetArrayFromImage(saved), sitk.GetArrayFromImage(result))
+    assert sitk.GetArrayFromImage(saved).sum() > 0
 
 
 def physical_mask(mask, name):
@@ -259,7 +277,10 @@ def test_uncertainty_through_the_server(server, click_studies, tmp_path):
     params, _ = parse_multipart(response, tmp_path)
     assert params["uncertainty_max"] > 0 and len(params["suggested_click"]) == 3
     info = requests.get(f"{server.url}/info/", timeout=30).json()["models"]["fastsam3d_uncertainty"]
-    assert info["type"] == "segmentation" and info["labels"] == {"uncertainty low": 1, "uncertainty medium": 2, "uncertainty high": 3}
+    assert info["type"] == "segmentation" and sorted(info["labels"].values()) == [1, 2, 3]
+    # OHIF numbers segments by the sorted label names: that order must be the bands'
+    assert sorted(info["labels"]) == sorted(info["labels"], key=info["labels"].get)
+    assert [name.split(": ")[-1] for name in sorted(info["labels"])] == ["minor", "intermediate", "highest"]
     bands = requests.post(f"{server.url}/infer/fastsam3d_uncertainty", params={"image": name},
                           files={"params": (None, json.dumps({"client_id": "unsure", "ensemble_size": 6,
                                                               "result_extension": ".nrrd", "result_dtype": "uint8"}))},

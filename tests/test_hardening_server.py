@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 import requests
+import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
 from conftest import REPO_ROOT, _free_port, dicomweb_store
@@ -175,8 +176,6 @@ def test_series_with_a_missing_slice_is_refused(server, orthanc):
 
 
 def test_final_label_becomes_a_dicom_seg_with_names_codes_and_model(server, orthanc):
-    import SimpleITK as sitk
-
     store, series = orthanc
     _folder, study, series_uid = series["phantom"]
     response = requests.post(f"{server.url}/infer/click_marker", params={"image": series_uid, "output": "image"},
@@ -220,3 +219,37 @@ def test_final_label_becomes_a_dicom_seg_with_names_codes_and_model(server, orth
     assert b"78961009" not in seg_bytes  # no spleen code anywhere
     # every labelled voxel is in the SEG's frames (one binary frame per segment and slice)
     assert int(seg.pixel_array.sum()) == int((mask > 0).sum())
+
+
+def test_click_saved_with_save_label_becomes_a_dicom_seg(server, orthanc):
+    """The stock OHIF panel has no save button; its Options dialog sends a task's config, here
+    save_label=true, with the click. The result then goes to Orthanc as the series' `final` DICOM
+    SEG, named after the task's label. A save_label that is not a boolean changes nothing."""
+    store, series = orthanc
+    _folder, study, series_uid = series["other"]
+
+    def click(**extra):
+        params = {"foreground": [CLICK], "background": [], "result_extension": ".nrrd", "result_dtype": "uint8",
+                  "result_compress": False, "restore_label_idx": False, **extra}  # as OHIF sends it
+        return requests.post(f"{server.url}/infer/click_marker", params={"image": series_uid, "output": "image"},
+                             files={"params": (None, json.dumps(params))}, timeout=300)
+
+    def seg_instances():
+        return requests.post(f"{store.base}/tools/find", json={"Level": "Instance", "Query": {
+            "Modality": "SEG", "StudyInstanceUID": study}}, timeout=30).json()
+
+    refused = click(save_label="true")
+    assert refused.status_code == 400 and "save_label" in refused.json()["detail"]
+    assert seg_instances() == []
+
+    response = click(save_label=True)
+    assert response.status_code == 200, response.text
+    result = Path(server.log_path.parent) / "saved-click.nrrd"
+    result.write_bytes(response.content)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(result)))
+    found = seg_instances()
+    assert len(found) == 1
+    seg = pydicom.dcmread(io.BytesIO(requests.get(f"{store.base}/instances/{found[0]}/file", timeout=30).content))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["region 1"]
+    assert int(seg.pixel_array.sum()) == int(mask.sum()) > 100  # the result the viewer shows, every voxel

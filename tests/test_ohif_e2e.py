@@ -8,10 +8,12 @@ window/resampling code, so its labelmap must be centred on the clicked voxel. Sc
 the console and the measured times go to test-artifacts/ohif/.
 """
 
+import io
 import json
 import re
 
 import numpy as np
+import pydicom
 import pytest
 import requests
 
@@ -26,6 +28,8 @@ POINT_DONE = "Running Inference for Point Prompts - Successful"
 AUTO_DONE = "Running Segmentation - Successful"
 CLICK = (65, 90, 18)  # off-centre in i, j and k (the series is 171 x 143 x 57), inside the body
 WINDOW_HALF_MM = 64 * 1.5  # the 3D models see 128^3 voxels of 1.5 mm centred on the click
+SEGMENT = "region 1"  # the click tasks' label (/info/)
+BANDS = ("uncertainty band 1: minor", "uncertainty band 2: intermediate", "uncertainty band 3: highest")
 
 MISSING = browser_missing() or dicomweb_store.orthanc_missing()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"OHIF end-to-end needs Chromium and Orthanc: {MISSING}"
@@ -102,7 +106,7 @@ def test_study_opens_in_monai_label_mode_from_dicomweb(ohif, server, dicomweb):
 
 
 def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb, spacing):
-    ohif.choose(POINT_PROMPTS, "click_marker", "segment")
+    ohif.choose(POINT_PROMPTS, "click_marker", SEGMENT)
     clicked = np.array(ohif.click_voxel(CLICK))
     ohif.screenshot("01-click-marker-point")
     ohif.run("click_marker", POINT_DONE)
@@ -113,7 +117,7 @@ def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb, sp
     assert sent["foreground"] == [np.round(clicked).astype(int).tolist()]
     assert np.all(np.abs(clicked - CLICK) <= 1.0)  # the click landed on (or next to) the voxel aimed at
     labelmap = ohif.labelmap()
-    assert labelmap["values"].keys() == {"1"} and labelmap["count"] > 100
+    assert labelmap["values"].keys() == {str(ohif.segments()[SEGMENT][0])} and labelmap["count"] > 100
     centroid = np.array(labelmap["centroid"])
     assert np.all(np.abs(centroid - clicked) <= 0.5), (centroid, clicked)  # centred on the click
     assert np.all(np.abs(centroid - sent["foreground"][0]) < 0.05), (centroid, sent)
@@ -123,13 +127,60 @@ def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb, sp
     assert f"'model': 'click_marker', 'image': '{dicomweb[2]}'" in server.log()
 
 
+def test_saving_from_the_options_dialog_stores_a_dicom_seg(ohif, dicomweb):
+    """The stock panel has no save button: its Options dialog sends a task's config, and ticking
+    the click task's save_label stores each result as the series' `final` label, on Orthanc a
+    DICOM SEG. It holds exactly the voxels OHIF shows."""
+    store, study, series = dicomweb
+
+    def seg_instances() -> set:
+        return set(requests.post(f"{store.base}/tools/find", json={"Level": "Instance", "Query": {
+            "Modality": "SEG", "StudyInstanceUID": study}}, timeout=30).json())
+
+    before = seg_instances()
+    ohif.choose(POINT_PROMPTS, "click_marker", SEGMENT)
+    ohif.tick_option("click_marker", "save_label")
+    ohif.screenshot("03-options-save-label")
+    ohif.confirm_options()
+    ohif.clear_points()
+    ohif.click_voxel(CLICK)
+    ohif.run("click_marker", POINT_DONE)
+    assert sent_clicks(ohif)["save_label"] is True
+    shown = ohif.labelmap()["values"].get(str(ohif.segments()[SEGMENT][0]), 0)
+
+    saved = seg_instances() - before
+    assert len(saved) == 1
+    seg = pydicom.dcmread(io.BytesIO(requests.get(f"{store.base}/instances/{saved.pop()}/file", timeout=30).content))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [SEGMENT]
+    assert int(seg.pixel_array.sum()) == shown > 100
+
+
+def luminance(rgb) -> float:
+    return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+
+def test_segments_are_drawn_in_visible_colours_and_bands_in_order(ohif):
+    """OHIF colours a segment by its label's name and numbers segments by the sorted names: the
+    click segment and the uncertainty bands must stand out on grey CT, the bands in their order."""
+    segments = ohif.segments()
+    assert SEGMENT in segments and set(BANDS) <= set(segments)
+    colours = {name: segments[name][1] for name in (SEGMENT, *BANDS)}
+    for name, rgb in colours.items():
+        # bright, and coloured rather than grey (CT is grey)
+        assert luminance(rgb) >= 100 and max(rgb) - min(rgb) >= 60, (name, rgb)
+    for a, b in [(a, b) for a in colours for b in colours if a < b]:
+        assert np.linalg.norm(np.subtract(colours[a], colours[b])) >= 60, (a, b, colours)
+    assert [segments[band][0] for band in BANDS] == sorted(segments[band][0] for band in BANDS)
+
+
 def test_fastsam3d_and_its_second_click(ohif, spacing, timings):
-    ohif.choose(POINT_PROMPTS, "fastsam3d", "segment")
+    ohif.choose(POINT_PROMPTS, "fastsam3d", SEGMENT)
     ohif.clear_points()
     clicked = ohif.click_voxel(CLICK)
     timings["fastsam3d_first_click_s"] = ohif.run("fastsam3d", POINT_DONE)
     first = ohif.labelmap()
-    assert first["count"] > 0 and first["values"].keys() == {"1"}
+    assert first["count"] > 0 and first["values"].keys() == {str(ohif.segments()[SEGMENT][0])}
     assert_inside_window(first, np.round(clicked), spacing)
 
     second = (CLICK[0] + 4, CLICK[1] - 3, CLICK[2] + 1)
@@ -143,20 +194,20 @@ def test_fastsam3d_and_its_second_click(ohif, spacing, timings):
 
 
 def test_sam_med3d(ohif, spacing, timings):
-    ohif.choose(POINT_PROMPTS, "sam_med3d", "segment")
+    ohif.choose(POINT_PROMPTS, "sam_med3d", SEGMENT)
     ohif.clear_points()
     clicked = ohif.click_voxel(CLICK)
     timings["sam_med3d_first_click_s"] = ohif.run("sam_med3d", POINT_DONE)
     ohif.screenshot("05-sam-med3d")
     labelmap = ohif.labelmap()
-    assert labelmap["count"] > 0 and labelmap["values"].keys() == {"1"}
+    assert labelmap["count"] > 0 and labelmap["values"].keys() == {str(ohif.segments()[SEGMENT][0])}
     assert len(labelmap["slices"]) > 1  # a 3D result
     assert_inside_window(labelmap, np.round(clicked), spacing)
 
 
 def test_sam_med2d_fills_the_clicked_slice(ohif, timings):
     """OHIF sends no `slice`: the app takes it from the clicks; OHIF replaces that k plane only."""
-    ohif.choose(POINT_PROMPTS, "sam_med2d", "segment")
+    ohif.choose(POINT_PROMPTS, "sam_med2d", SEGMENT)
     ohif.clear_points()
     before = ohif.labelmap()
     ohif.click_voxel(CLICK)
@@ -178,8 +229,9 @@ def test_uncertainty_bands_are_shown(ohif, spacing):
     ohif.page.wait_for_timeout(500)
     ohif.screenshot("07-uncertainty-bands")
     labelmap = ohif.labelmap()
-    # OHIF's segments: 1 "segment", then the bands 2 low, 3 medium, 4 high (the labels of /info/)
-    assert labelmap["count"] > 0 and set(labelmap["values"]) <= {"2", "3", "4"} and "4" in labelmap["values"]
+    band_index = {band: str(ohif.segments()[band][0]) for band in BANDS}  # OHIF's segment of each band
+    assert labelmap["count"] > 0 and set(labelmap["values"]) <= set(band_index.values())
+    assert band_index[BANDS[-1]] in labelmap["values"]  # the high band holds at least the largest std
     assert_inside_window(labelmap, CLICK, spacing)
     # around the ball: members' balls are centred within the first ball, so they reach < 3 radii
     reach_mm = (np.maximum(np.abs(np.array(labelmap["min"]) - CLICK), np.abs(np.array(labelmap["max"]) - CLICK)) * spacing)
@@ -213,6 +265,7 @@ def test_a_label_is_saved_back_as_dicom_seg(server, dicomweb, tmp_path):
     import nibabel as nib
 
     store, _study, series = dicomweb
+    segs_before = [s["00080060"]["Value"][0] for s in store.series()].count("SEG")
     image = requests.get(f"{server.url}/datastore/image", params={"image": series}, timeout=120)
     assert image.status_code == 200
     (tmp_path / "image.nii.gz").write_bytes(image.content)
@@ -225,4 +278,5 @@ def test_a_label_is_saved_back_as_dicom_seg(server, dicomweb, tmp_path):
                                 files={"label": ("label.nii.gz", f)}, timeout=300)
     assert response.status_code == 200, response.text
     modalities = [s["00080060"]["Value"][0] for s in store.series()]
-    assert sorted(modalities) == ["CT", "SEG"]
+    assert modalities.count("CT") == 1 and modalities.count("SEG") == segs_before + 1
+

@@ -210,7 +210,7 @@ def test_info_panels_and_config(server):
     assert sorted(plugin.panels["SmartEdit"]) == ["click_marker", "sam_med2d", "sam_med2d_3d"]
     assert sorted(plugin.panels["Auto Segmentation"]) == ["click_marker_uncertainty", "sam_med2d_uncertainty"]
     assert plugin.is_3d("click_marker") and plugin.is_3d("sam_med2d_3d") and not plugin.is_3d("sam_med2d")
-    assert "segment" in plugin.info["labels"]  # the segment the plugin creates for the user
+    assert "region 1" in plugin.info["labels"]  # the segment the plugin creates for the user
     params = plugin.config_params("click_marker")
     assert params["reset_state"] is False and params["uncertainty"] is False and params["ensemble_size"] == 8
 

@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
@@ -28,6 +29,7 @@ import samlabel
 from samlabel.configs import config_families
 from samlabel.datastore import hardened_datastore
 from samlabel.dicom import as_dicom_seg_store
+from samlabel.errors import InputError
 from samlabel.images import ImageCache
 from samlabel.registry import get_spec
 from samlabel.server_guards import install_guards
@@ -78,14 +80,19 @@ class FastSAM3DApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message; a
-        task's declared secondary outputs are stored in the datastore next to the image."""
+        task's declared secondary outputs are stored in the datastore next to the image. A result
+        saved with `save_label` goes under the task's configured label_tag unless the request names one."""
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex[:12]}
+        task = self._infers.get(request.get("model"))
+        if request.get("save_label") and "label_tag" not in request and task is not None:
+            request["label_tag"] = task.config().get("label_tag", DefaultLabelTag.ORIGINAL.value)
         try:
             result = super().infer(request, datastore)
         except MONAILabelException as error:
             status = 400 if error.error == MONAILabelError.INVALID_INPUT else 500
             raise HTTPException(status_code=status, detail=error.msg) from None
-        task = self._infers.get(request.get("model"))
+        except InputError as error:  # the datastore refused to save the result (e.g. an empty DICOM SEG)
+            raise HTTPException(status_code=400, detail=f"the result was not saved: {error}") from None
         outputs = task.take_secondary(request["request_id"]) if hasattr(task, "take_secondary") else {}
         image = request.get("image")
         store = datastore or self.datastore()

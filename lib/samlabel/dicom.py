@@ -117,6 +117,17 @@ def seg_label_info(values: List[int], client_info: Optional[List[Dict[str, Any]]
     return entries
 
 
+def result_label_info(result: Any) -> List[Dict[str, Any]]:
+    """Segment names of an infer result saved with save_label: its JSON's `label_names`, the task's
+    labels as MONAI Label puts them there (a list for values 1, 2...; or a dict name -> value)."""
+    names = result.get("label_names") if isinstance(result, dict) else None
+    if isinstance(names, list):
+        names = {name: value for value, name in enumerate(names, start=1)}
+    if not isinstance(names, dict):
+        return []
+    return [{"idx": value, "name": str(name)} for name, value in names.items() if isinstance(value, int)]
+
+
 def as_dicom_seg_store(store):
     """MONAI Label's DICOMweb datastore with the checks and SEG metadata of this module; any
     other datastore unchanged. (The class is swapped rather than the datastore rebuilt: its
@@ -157,6 +168,7 @@ class DicomSegStore(DICOMWebDatastore):
                 raise InputError("the label is empty: a DICOM SEG needs at least one labelled voxel")
             with self._lock:
                 model = str(label_info.get("model") or self._models_used.get(image_id) or APP_NAME)
-            label_info = {**label_info, "label_info": seg_label_info(values, label_info.get("label_info"), model)}
+            named = label_info.get("label_info") or result_label_info(label_info.get("params"))
+            label_info = {**label_info, "label_info": seg_label_info(values, named, model)}
         return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
 

@@ -117,6 +117,8 @@ def run_inference(background_tasks, model, image="", session_id="", params="{}",
             require_image(instance.datastore(), request["image"])
     if "label_tag" in request:  # save_label writes to labels/<tag>/
         require_name(request["label_tag"], "label_tag")
+    if not isinstance(request.get("save_label", False), bool):  # a string "false" would save
+        raise HTTPException(status_code=400, detail="save_label must be true or false")
     if not (file or image or request.get("image") or session_id):
         raise HTTPException(status_code=400, detail="give image (a datastore id), session_id or an uploaded file")
     return run_original("run_inference", background_tasks, model, image, session_id, params, file, label, output)

@@ -25,8 +25,18 @@ from ..transforms import UncertaintyBandsd
 from .base import SamInferTask
 
 logger = logging.getLogger(__name__)
-LABELS = ["segment"]  # OHIF offers a segment only for declared labels; Slicer sends its own segment name
-UNCERTAINTY_BANDS = {"uncertainty low": 1, "uncertainty medium": 2, "uncertainty high": 3}
+# OHIF offers a segment only for declared labels (Slicer sends its own segment name). Both stock
+# front ends colour a label by its name: from Slicer's GenericAnatomyColors table when the name is
+# in it (OHIF then falls back to a hash of the name), and OHIF numbers its segments by the sorted
+# names of all models' labels. "region 1" is the table's generic entry, drawn cyan (0, 226, 255) in
+# both; the band names sort in the order of their meaning and hash to distinct bright colours in
+# OHIF: green, cyan, red-orange.
+LABELS = ["region 1"]
+UNCERTAINTY_BANDS = {"uncertainty band 1: minor": 1, "uncertainty band 2: intermediate": 2, "uncertainty band 3: highest": 3}
+# save_label: MONAI Label's infer option that stores the result as a label of the image, the stock
+# OHIF panel's only way to save (its Options dialog shows a task's config, this as a checkbox);
+# label_tag: the tag it is saved under when the request names none (final: on DICOMweb, a DICOM SEG).
+SAVE_CONFIG = {"save_label": False, "label_tag": "final"}
 
 
 class EngineTask(SamInferTask):
@@ -67,7 +77,7 @@ class ClickSegmentation(EngineTask):
             prompts = "a box (ROI) or clicks" if spec.prompt.takes_box else "positive/negative clicks"
             description = f"{spec.title}: segmentation of the clicked slice from {prompts}"
         super().__init__(engine, description, missing_checkpoint_hint, type=InferType.DEEPGROW, labels=LABELS,
-                         dimension=engine.dimension, config={"reset_state": False, "uncertainty": False, "ensemble_size": 8})
+                         dimension=engine.dimension, config={"reset_state": False, "uncertainty": False, "ensemble_size": 8, **SAVE_CONFIG})
 
     def run_engine(self, image_path: str, data: dict) -> dict:
         return self.engine.predict(image_path, parse_click_request(data))
@@ -85,7 +95,7 @@ class Propagation(EngineTask):
         description = (f"{engine.spec.title} in 3D: segments the slice of the last positive click, then propagates "
                        "slice by slice until the structure ends")
         super().__init__(engine, description, missing_checkpoint_hint, type=InferType.DEEPGROW, labels=LABELS,
-                         dimension=3, config={"reset_state": False})
+                         dimension=3, config={"reset_state": False, **SAVE_CONFIG})
         self.seconds = seconds
 
     def run_engine(self, image_path: str, data: dict) -> dict:
