@@ -140,7 +140,12 @@ def mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, Tuple[i
 
 def check_state_dict(state, spec: ModelSpec, path) -> None:
     """Raise one CheckpointError naming the first missing, unexpected and mis-shaped keys."""
-    missing, unexpected, wrong = mismatches(state, expected_shapes(spec))
+    check_shapes(state, expected_shapes(spec), spec.title, path)
+
+
+def check_shapes(state, expected: Mapping[str, Tuple[int, ...]], title: str, path) -> None:
+    """check_state_dict against explicit {key: shape}; `title` names the model in the error."""
+    missing, unexpected, wrong = mismatches(state, expected)
     if not (missing or unexpected or wrong):
         return
     parts = []
@@ -150,7 +155,7 @@ def check_state_dict(state, spec: ModelSpec, path) -> None:
     if wrong:
         listed = "; ".join(f"{k}: file {list(f)} vs model {list(m)}" for k, f, m in wrong[:MAX_LISTED])
         parts.append(f"{len(wrong)} shape mismatches (first: {listed})")
-    raise CheckpointError(f"{path} is not a {spec.title} checkpoint: " + "; ".join(parts))
+    raise CheckpointError(f"{path} is not a {title} checkpoint: " + "; ".join(parts))
 
 
 def load_model(spec: ModelSpec, path, device="cpu") -> nn.Module:
