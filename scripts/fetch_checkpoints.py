@@ -50,7 +50,13 @@ def instruction(spec: ModelSpec, dest: Path, why: str) -> str:
         url = hf_hub_url(spec.hf_repo, spec.hf_filename or spec.checkpoint_file, revision=spec.hf_revision)
     else:
         url = spec.download_page or spec.source
-    return (f"{spec.name}: {why.rstrip('.')}. Download {spec.checkpoint_file} from {url} and put it at {dest} "
+    files = spec.checkpoint_file
+    if spec.encoder_checkpoint_file:  # SAM3D: the decoder with its plans, and Meta's encoder beside them
+        files = f"{Path(spec.checkpoint_file).name} and {Path(spec.checkpoint_file).name}.pkl"
+        return (f"{spec.name}: {why.rstrip('.')}. Download {files} from {url} and put them in {dest.parent}; it also "
+                f"needs {spec.encoder_checkpoint_file} (Meta's SAM ViT-B, https://github.com/facebookresearch/segment-anything) "
+                f"at {dest.parent.parent / spec.encoder_checkpoint_file} (then check them: {check_command(spec, dest)})")
+    return (f"{spec.name}: {why.rstrip('.')}. Download {files} from {url} and put it at {dest} "
             f"(then check it: {check_command(spec, dest)})")
 
 

@@ -23,10 +23,12 @@ from typing import Dict, Optional
 
 import pytest
 import requests
+import torch
 
 from samlabel.checkpoint import expected_shapes
+from samlabel.modeling.sam3d_decoder import Sam3DDecoder
 from samlabel.registry import get_spec
-from samlabel.seeded import save_in_official_layout, seeded_state_dict
+from samlabel.seeded import save_in_official_layout, save_sam3d_decoder_files, seeded_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "fastsam3d"
@@ -216,6 +218,22 @@ def click_marker_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("marker") / "click_marker.pth"
     click_marker.write_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sam3d_checkpoints(tmp_path_factory, slice_checkpoints) -> Dict[str, str]:
+    """The --conf of a server with SAM3D's Synapse entry on seeded files in the official formats. Plans
+    in nnU-Net's (z, y, x) order: 4 mm slices, 1.3 mm in-plane, so the sample CTs are resampled with
+    the separate-z path (4 / 1.3 > 3) and fit one 64 x 176 x 176 window in-plane."""
+    name = "sam3d_synapse"
+    path = tmp_path_factory.mktemp("sam3d") / name / "model_final_checkpoint.model"
+    path.parent.mkdir()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Sam3DDecoder(num_classes=14).state_dict().items()}
+    save_sam3d_decoder_files(path, seeded_state_dict(shapes, 31), patch_size=get_spec(name).input_size,
+                             spacing=(4.0, 1.3, 1.3))
+    # MedSAM's seeded file has Meta's SAM ViT-B layout: it stands in for sam_vit_b_01ec64.pth
+    return {"models": name, f"{name}_checkpoint": str(path), "sam_vit_b_checkpoint": str(slice_checkpoints["medsam"])}
 
 
 @pytest.fixture(scope="session")

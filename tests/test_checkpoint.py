@@ -14,7 +14,8 @@ import torch
 
 from samlabel.checkpoint import CheckpointError, find_checkpoint, load_model, read_checkpoint, sha256
 from samlabel.registry import get_spec, registered
-from samlabel.seeded import save_in_official_layout, seeded_state_dict, training_checkpoint
+from samlabel.modeling.sam3d_decoder import Sam3DDecoder
+from samlabel.seeded import save_in_official_layout, save_sam3d_decoder_files, seeded_state_dict, training_checkpoint
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = {"fastsam3d": "fastsam3d", "sam_med3d": "sam_med3d_turbo", "medsam": "sam_vit_b"}
@@ -178,8 +179,10 @@ def test_checkpoint_lookup_official_name_or_conf(tmp_path):
     spec = get_spec("sam_med3d")
     assert find_checkpoint(spec, tmp_path) == tmp_path / "sam_med3d_turbo.pth"
     assert find_checkpoint(spec, tmp_path, {"sam_med3d_checkpoint": "/data/turbo.pth"}) == Path("/data/turbo.pth")
-    assert [s.checkpoint_file for s in registered().values()] == ["FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth",
-                                                            "medsam_point_prompt_flare22.pth", "sam-med2d_b.pth"]
+    assert [s.checkpoint_file for s in registered().values()] == [
+        "FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth", "medsam_point_prompt_flare22.pth", "sam-med2d_b.pth",
+        "sam3d_synapse/model_final_checkpoint.model", "sam3d_acdc/model_final_checkpoint.model",
+        "sam3d_lung/model_final_checkpoint.model"]
 
 
 def check_command(*args, entry_point=False):
@@ -207,9 +210,43 @@ def test_check_command_rejects_wrong_model(official_files, tmp_path):
     assert "model:  not FastSAM3D" in result.stdout and "shape mismatches" in result.stdout
     result = check_command(official_files["medsam", "bare"][0])  # any model: it is MedSAM's layout
     assert result.returncode == 0 and "(medsam): every key and shape matches" in result.stdout
+    assert "sam3d:  its image_encoder is SAM ViT-B, the layout of Meta's sam_vit_b_01ec64.pth" in result.stdout
     unknown = tmp_path / "unknown.pth"
     torch.save({"encoder.layer.0.weight": torch.zeros(3, 3)}, unknown)
     result = check_command(unknown)
     assert result.returncode == 1 and "none of fastsam3d, sam_med3d, medsam, medsam_point, sam_med2d" in result.stdout
     result = check_command(official_files["fastsam3d", "training"][0], "--model", "sam_med3d")
     assert result.returncode == 1 and "not SAM-Med3D-turbo" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def sam3d_model(tmp_path_factory):
+    """SAM3D's decoder as its trainer saves it (Synapse: 1 modality, 14 classes), the .model.pkl next to it."""
+    path = tmp_path_factory.mktemp("sam3d") / "model_final_checkpoint.model"
+    save_sam3d_decoder_files(path, seeded_state_dict({k: v.shape for k, v in Sam3DDecoder(14).state_dict().items()}, 0))
+    return path
+
+
+def test_check_command_identifies_sam3d_files(sam3d_model, tmp_path):
+    result = check_command(sam3d_model)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("model:  SAM3D decoder (nnU-Net training checkpoint, epoch 1000) for 1 modality and 14 classes, "
+            "1,880,258 values") in result.stdout
+    assert f"plans:  {sam3d_model}.pkl: patch [64, 176, 176] (SAM encoder at 176x176)" in result.stdout
+    assert "loads:  yes, with its plans" in result.stdout
+    result = check_command(f"{sam3d_model}.pkl")
+    assert result.returncode == 0 and "model:  SAM3D plans (nnU-Net .model.pkl): patch [64, 176, 176]" in result.stdout
+    alone = tmp_path / "model_best.model"
+    alone.write_bytes(sam3d_model.read_bytes())
+    result = check_command(alone)
+    assert result.returncode == 1 and f"error:  {alone}.pkl: no such file: a SAM3D .model is unusable" in result.stdout
+
+
+def test_check_command_refuses_unsafe_plans(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "model_best.model.pkl"
+    path.write_bytes(pickle.dumps({"init": (), "plans": {"payload": Shell(f"touch {marker}")}}))
+    result = check_command(path, entry_point=True)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    assert f"error:  {path}: refused to unpickle: it contains {SYSTEM}, which is not plans data" in result.stdout
+    assert not marker.exists()

@@ -29,6 +29,8 @@ AUTO_DONE = "Running Segmentation - Successful"
 CLICK = (65, 90, 18)  # off-centre in i, j and k (the series is 171 x 143 x 57), inside the body
 WINDOW_HALF_MM = 64 * 1.5  # the 3D models see 128^3 voxels of 1.5 mm centred on the click
 SEGMENT = "region 1"  # the click tasks' label (/info/)
+SAM3D = "sam3d_synapse"  # automatic; seeded random weights in the official formats
+ORGANS = ("spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas")
 BANDS = ("uncertainty band 1: minor", "uncertainty band 2: intermediate", "uncertainty band 3: highest")
 
 MISSING = browser_missing() or dicomweb_store.orthanc_missing()
@@ -50,10 +52,10 @@ def dicomweb(tmp_path_factory, sample_studies_module):
 
 
 @pytest.fixture(scope="module")
-def server(monailabel_server, dicomweb, checkpoints, slice_checkpoints, click_marker_checkpoint):
-    conf = {"models": "click_marker,fastsam3d,sam_med3d,sam_med2d", "click_marker_checkpoint": click_marker_checkpoint,
-            "fastsam3d_checkpoint": checkpoints["fastsam3d"], "sam_med3d_checkpoint": checkpoints["sam_med3d"],
-            "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
+def server(monailabel_server, dicomweb, checkpoints, slice_checkpoints, click_marker_checkpoint, sam3d_checkpoints):
+    conf = {**sam3d_checkpoints, "models": f"click_marker,fastsam3d,sam_med3d,sam_med2d,{SAM3D}",
+            "click_marker_checkpoint": click_marker_checkpoint, "fastsam3d_checkpoint": checkpoints["fastsam3d"],
+            "sam_med3d_checkpoint": checkpoints["sam_med3d"], "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
     return monailabel_server(conf=conf, studies=dicomweb[0].url, app_dir=MARKER_APP)
 
 
@@ -236,6 +238,20 @@ def test_uncertainty_bands_are_shown(ohif, spacing):
     # around the ball: members' balls are centred within the first ball, so they reach < 3 radii
     reach_mm = (np.maximum(np.abs(np.array(labelmap["min"]) - CLICK), np.abs(np.array(labelmap["max"]) - CLICK)) * spacing)
     assert np.all(reach_mm < 3 * click_marker.RADIUS * 1.5), reach_mm
+
+
+def test_sam3d_automatic_segmentation(ohif, timings):
+    """SAM3D in the Auto-Segmentation tab: its organs become OHIF segments (by name); with random
+    weights the labels are noise, but every labelled voxel holds one of the organs' segments."""
+    ohif.choose(AUTO_SEGMENTATION, SAM3D)
+    timings["sam3d_synapse_s"] = ohif.run(SAM3D, AUTO_DONE)
+    ohif.page.wait_for_timeout(500)
+    ohif.screenshot("09-sam3d-synapse")
+    segments = ohif.segments()
+    assert set(ORGANS) <= set(segments)
+    labelmap = ohif.labelmap()
+    assert labelmap["count"] > 0 and set(labelmap["values"]) <= {str(segments[organ][0]) for organ in ORGANS}
+    assert labelmap["dimensions"] == [171, 143, 57] and len(labelmap["slices"]) > 1
 
 
 def test_uncertainty_float_map_is_kept_beside_the_dicom_series(server, dicomweb, tmp_path):

@@ -1,8 +1,10 @@
 """The built-in models, registered on import (registry.registered() imports this module)."""
 
 from .engine2d import SliceSegmenter, medsam_masks, sam_med2d_masks
+from .engine_auto import AutoSegmentationEngine
 from .engine3d import ClickSegmenter3D
 from .modeling import build_fastsam3d, build_medsam, build_sam_med2d, build_sam_med3d_turbo
+from .modeling.build_sam3d_seg import build_sam3d_seg
 from .predictor import normalise_intensity
 from .predictor2d import preprocess_medsam, preprocess_sam_med2d
 from .prompts import BoxPrompt, PointPrompt
@@ -49,3 +51,26 @@ register_model(ModelSpec(name="sam_med2d", title="SAM-Med2D", builder=build_sam_
                          # from SAM-Med2D's README (Google Drive; Baidu pan 1HWo_s8O7r4iQI6irMYU8vQ, code dk5x)
                          download_page="https://drive.google.com/file/d/1ARiB5RkSsWmAB_8mqWnwDF8ZKTtFwsjl/view",
                          tasks=("clicks", "uncertainty", "propagation")))
+
+# SAM3D: automatic segmentation, a frozen SAM ViT-B per slice + a 3D decoder; the official weights per
+# dataset (Google Drive links of its README) are an nnU-Net v1 `.model` with its plans `.model.pkl`
+# next to it, kept under their own names in model/<entry>/. The labels are the classes upstream
+# evaluates, with their upstream ids; names from Slicer's GenericAnatomyColors where it has them.
+SAM3D_INPUT = dict(family="auto3d", builder=build_sam3d_seg, engine=AutoSegmentationEngine, prompt=None, preprocess=None,
+                   checkpoint_key="state_dict", encoder_checkpoint_file="sam_vit_b_01ec64.pth",
+                   tasks=("segmentation", "training"))
+SAM3D_SOURCE = "https://github.com/UARK-AICV/SAM3D (README: the {} weight) and Meta's sam_vit_b_01ec64.pth"
+register_model(ModelSpec(name="sam3d_synapse", title="SAM3D (Synapse multi-organ CT)", input_size=(64, 176, 176),
+                         checkpoint_file="sam3d_synapse/model_final_checkpoint.model", source=SAM3D_SOURCE.format("Synapse"),
+                         download_page="https://drive.google.com/file/d/1jxWSlK1Zy_gBY_XO3xh6ydaLthqDh5Tm/view",
+                         labels={"spleen": 1, "right kidney": 2, "left kidney": 3, "gallbladder": 4, "liver": 6,
+                                 "stomach": 7, "aorta": 8, "pancreas": 11}, **SAM3D_INPUT))
+register_model(ModelSpec(name="sam3d_acdc", title="SAM3D (ACDC cardiac MRI)", input_size=(16, 160, 160),
+                         checkpoint_file="sam3d_acdc/model_final_checkpoint.model", source=SAM3D_SOURCE.format("ACDC"),
+                         download_page="https://drive.google.com/file/d/1a4fWzwEC9jKBKcZ_kj9wsrtoL8Ha1qpx/view",
+                         labels={"right ventricle of heart": 1, "myocardium": 2, "left ventricle of heart": 3},
+                         **SAM3D_INPUT))
+register_model(ModelSpec(name="sam3d_lung", title="SAM3D (Decathlon lung tumour CT)", input_size=(34, 192, 192),
+                         checkpoint_file="sam3d_lung/model_final_checkpoint.model", source=SAM3D_SOURCE.format("Lung"),
+                         download_page="https://drive.google.com/file/d/1jraG6uXrXEUyj-tFOMiEIGoDxDJeTQ_X/view",
+                         labels={"lung tumor": 1}, **SAM3D_INPUT))

@@ -12,19 +12,19 @@ from typing import Callable, Dict, Optional, Tuple
 
 from torch import nn
 
-TASK_KINDS = ("clicks", "uncertainty", "propagation")
+TASK_KINDS = ("clicks", "uncertainty", "propagation", "segmentation", "training")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # task name in MONAI Label and key of --conf options
     title: str
-    family: str  # which TaskConfig serves it: "clicks3d", "slices2d"
+    family: str  # which TaskConfig serves it: "clicks3d", "slices2d", "auto3d"
     builder: Callable[..., nn.Module]
-    engine: type  # engine.ClickEngine subclass that serves it
-    prompt: object  # prompts.PointPrompt / prompts.BoxPrompt: how it takes prompts and varies them
-    preprocess: Callable  # 3D: the window's intensity normalisation; 2D: the 0-255 slice -> encoder input
-    input_size: Tuple[int, ...]  # model input in voxels / pixels
+    engine: type  # the engine class that serves it (engine.ClickEngine, engine_auto.AutoSegmentationEngine)
+    prompt: Optional[object]  # prompts.PointPrompt / prompts.BoxPrompt: how it takes prompts and varies them
+    preprocess: Optional[Callable]  # 3D: the window's intensity normalisation; 2D: the 0-255 slice -> encoder input
+    input_size: Tuple[int, ...]  # model input in voxels / pixels (automatic models: the official patch)
     checkpoint_file: str  # official file name, looked up in the app's model/ folder
     checkpoint_key: Optional[str]  # entry of the checkpoint dict holding the state dict (None: the file is one)
     source: str  # where users download the checkpoint
@@ -41,6 +41,10 @@ class ModelSpec:
     hf_filename: Optional[str] = None  # its path in hf_repo (None: checkpoint_file)
     hf_revision: str = "main"  # branch, tag or commit of hf_repo
     download_page: Optional[str] = None  # no library fetches it (Google Drive): the page a person downloads it from
+    # Automatic models: label name -> the network's output class (upstream ids; other classes are left out)
+    labels: Optional[Dict[str, int]] = None
+    # SAM3D: the frozen 2D encoder's own checkpoint (Meta's SAM ViT-B), shared by its entries
+    encoder_checkpoint_file: Optional[str] = None
 
 
 MODELS: Dict[str, ModelSpec] = {}

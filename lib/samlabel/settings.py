@@ -3,6 +3,7 @@ server with a message, instead of starting it and answering 500 to every click."
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Mapping, Tuple
 
 import torch
@@ -20,6 +21,9 @@ OUR_KEYS = {
     "image_cache_mb": "memory for loaded images in MB (default 2048)",
     "propagation_seconds": "time bound of the 2D models' 3D propagation tasks (default 60)",
     "<model>_checkpoint": "a checkpoint path instead of model/<official file name>",
+    "<model>_weights": 'trained models: "latest" (default: the newest trained decoder, else the official one), '
+                       '"official", or a file name under <checkpoint folder>/trained/',
+    "sam_vit_b_checkpoint": "SAM3D's encoder, Meta's SAM ViT-B, instead of model/sam_vit_b_01ec64.pth",
     "upload_mb": "largest request body in MB; larger ones get 413 (default 2048)",
 }
 
@@ -43,9 +47,15 @@ class AppSettings:
         problems: List[str] = []
         models = registered()
         checkpoint_keys = {f"{name}_checkpoint" for name in models}
+        checkpoint_keys |= {f"{name}_weights" for name, spec in models.items() if "training" in spec.tasks}
         for key in conf:
             if key not in OUR_KEYS and key not in checkpoint_keys and key not in MONAILABEL_KEYS:
                 problems.append(f"unknown key {key!r}")
+
+        for key in sorted(k for k in conf if k.endswith("_weights") and k in checkpoint_keys):
+            value = str(conf[key])
+            if value not in ("latest", "official") and (not value.endswith(".model") or Path(value).name != value):
+                problems.append(f"{key} must be latest, official or the name of a .model file, got {value!r}")
 
         requested = [m.strip() for m in str(conf.get("models", "")).split(",") if m.strip()]
         explicit = bool(requested) and requested != ["all"]

@@ -49,6 +49,9 @@ class SamTaskConfig(TaskConfig):
 
     def _load(self) -> None:
         try:
-            self.engine.predictor()
+            self.load_weights()
         except CheckpointError as error:  # infer calls answer 503 with the same message
             logger.error(f"{self.spec.title}: {error}")
+
+    def load_weights(self) -> None:
+        self.engine.predictor()
