@@ -18,6 +18,7 @@ from typing import Dict
 
 import nibabel as nib
 import numpy as np
+import torch
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -103,6 +104,22 @@ class FastSAM3DApp(MONAILabelApp):
                 save_map(store, image, tag, array, affine, {"model": request["model"], "kind": task.secondary_outputs[key]})
                 result.setdefault("params", {})[f"{key}_map"] = {"image": image, "tag": tag}
         return result
+
+    def batch_infer(self, request, datastore=None):
+        """MONAI Label's, with two fixes: an image the task refuses (a 2D one, say) is logged and
+        skipped instead of ending the whole run (MONAI Label stops there when it runs one worker),
+        and it works without CUDA (its default multi_gpu divides by the number of CUDA devices)."""
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False}
+
+        def infer_one(one, store):
+            try:
+                return self.infer(one, store)
+            except HTTPException as error:
+                logger.warning(f"batch inference: image {one.get('image')} skipped: {error.detail}")
+                return {}
+
+        return self._batch_infer(request, datastore or self.datastore(), infer_one)
 
 
 def save_map(store: LocalDatastore, image: str, tag: str, array: np.ndarray, affine: np.ndarray, info: dict) -> None:

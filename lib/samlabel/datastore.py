@@ -103,6 +103,12 @@ class HardenedDatastore(LocalDatastore):
     def has_image(self, image_id) -> bool:
         return isinstance(image_id, str) and image_id in self._datastore.objects
 
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        # Labels that another process saved (batch inference and training run in processes of their
+        # own) are in the datastore JSON; reread it if it changed (a stat when it did not).
+        self._init_from_datastore_file()
+        return super().get_label_uri(label_id, label_tag)
+
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         derived_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = check_name(image_id or derived_id, "image id")
