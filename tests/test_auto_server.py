@@ -71,6 +71,15 @@ def test_info_lists_a_segmentation_model_with_upstream_label_ids(server):
     assert model["config"]["mirroring"] is False
 
 
+def test_slicer_lists_it_in_its_auto_segmentation_panel(server):
+    from test_slicer_protocol import SlicerPlugin  # the stock plugin's reading of /info/
+
+    plugin = SlicerPlugin(server.url)
+    plugin.fetch_info()
+    assert plugin.panels["Auto Segmentation"] == [MODEL] and plugin.panels["SmartEdit"] == []
+    assert plugin.is_3d(MODEL) and plugin.config_params(MODEL)["mirroring"] is False
+
+
 @pytest.mark.parametrize("image", ["ct_synthetic", "ct_lps"])
 def test_result_on_the_image_grid_with_named_values_and_cached_features(server, studies, image, tmp_path):
     first = infer(server, image)
