@@ -3,6 +3,7 @@ stock Slicer plugin's and OHIF's, seeded checkpoints in the official formats, an
 back with SimpleITK and nibabel."""
 
 import json
+import time
 from email.parser import BytesParser
 from email.policy import default as email_policy
 
@@ -217,6 +218,10 @@ def test_session_upload_then_infer(server, click_studies, tmp_path):
     source = click_studies / "phantom_permuted.nii.gz"
     with open(source, "rb") as f:
         session = requests.put(f"{server.url}/session/", files={"files": ("volume.nii.gz", f)}, timeout=60).json()
+    deadline = time.monotonic() + 60
+    while f"prefetched {session['session_id']}" not in server.log():  # read in the background once uploaded
+        assert time.monotonic() < deadline, "the uploaded volume was not read after the upload"
+        time.sleep(0.1)
     params = {"label": "segment", "foreground": [phantom_copies()["phantom_permuted"][2].tolist()], "background": [],
               "client_id": "session-user", "result_extension": ".nrrd", "result_dtype": "uint8"}
     response = requests.post(f"{server.url}/infer/sam_med3d", params={"image": "", "session_id": session["session_id"]},

@@ -253,3 +253,35 @@ def test_click_saved_with_save_label_becomes_a_dicom_seg(server, orthanc):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["region 1"]
     assert int(seg.pixel_array.sum()) == int(mask.sum()) > 100  # the result the viewer shows, every voxel
+
+
+def test_a_series_opened_in_ohif_is_read_after_the_click_in_progress(server, orthanc, hold_dir):
+    """OHIF loads a series through the DICOMweb proxy: the server fetches and reads it in the
+    background for the first click, but only once no inference is running."""
+    store, series = orthanc
+    _folder, study, series_uid = series["gap"]  # refused when read: the prefetch must fail quietly
+    _folder, other_study, other_uid = series["other"]
+    token = uuid.uuid4().hex
+    held = threading.Thread(target=lambda: requests.post(
+        f"{server.url}/infer/hold", params={"image": series["phantom"][2], "output": "json"},
+        data={"params": json.dumps({"token": token})}, timeout=300))
+    held.start()
+    try:
+        wait_for(hold_dir / f"started-{token}")
+        for study_uid, uid in ((study, series_uid), (other_study, other_uid)):
+            opened = requests.get(f"{server.url}/proxy/dicom/wado/studies/{study_uid}/series/{uid}/metadata", timeout=120)
+            assert opened.status_code == 200
+        time.sleep(1.0)  # room for a prefetch that ignored the running inference to happen
+        assert f"prefetched {other_uid}" not in server.log()
+    finally:
+        (hold_dir / f"release-{token}").touch()
+        held.join(timeout=300)
+    deadline = time.monotonic() + 120
+    while f"prefetched {other_uid}" not in server.log():
+        assert time.monotonic() < deadline, "the opened series was not read"
+        time.sleep(0.2)
+    log = server.log()
+    assert f"prefetch: {series_uid} not read" in log  # the series with a missing slice: refused, quietly
+    response = requests.post(f"{server.url}/infer/click_marker", params={"image": other_uid, "output": "image"},
+                             data={"params": json.dumps({"foreground": [CLICK], "background": []})}, timeout=300)
+    assert response.status_code == 200

@@ -32,6 +32,7 @@ from samlabel.datastore import hardened_datastore
 from samlabel.dicom import as_dicom_seg_store
 from samlabel.errors import InputError
 from samlabel.images import ImageCache
+from samlabel.prefetch import Prefetcher
 from samlabel.registry import get_spec
 from samlabel.server_guards import install_guards
 from samlabel.server_routes import install_routes
@@ -62,6 +63,7 @@ class FastSAM3DApp(MONAILabelApp):
             description += ". Missing checkpoints: " + "; ".join(f"{n}: {m}" for n, m in missing.items())
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FastSAM3D",
                          description=description, version=samlabel.__version__)
+        self.prefetcher = Prefetcher(images.get)  # images read when opened (samlabel.server_routes)
         install_guards(self.settings.upload_mb)  # checked uploads, ids, tags and body sizes
         install_routes()  # blocking routes in worker threads, clients told apart, DICOMweb proxy keeps queries
 

@@ -34,5 +34,14 @@ class LRUCache:
                 _, evicted = self._items.popitem(last=False)
                 self._total -= self.cost(evicted)
 
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
+    @property
+    def total(self) -> float:
+        """The summed cost: at most the capacity, unless one item alone exceeds it."""
+        return self._total
+
     def __len__(self) -> int:
         return len(self._items)

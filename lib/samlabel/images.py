@@ -60,6 +60,14 @@ class ImageCache:
         self._cache = LRUCache(max_bytes, cost=lambda image: image.array.nbytes)
         self._lock = threading.Lock()
 
+    def holds(self, path: str) -> bool:
+        """Whether the image at path, as it is now, is loaded."""
+        return file_key(path) in self._cache
+
+    @property
+    def bytes(self) -> float:
+        return self._cache.total
+
     def get(self, path: str) -> StoredImage:
         key = file_key(path)
         image = self._cache.get(key)

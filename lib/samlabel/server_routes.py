@@ -12,13 +12,17 @@ app loads).
 - Interaction state is kept per client. OHIF sends no client id and Slicer's default is the same
   for everyone, so the infer route prefixes the client's own id with the best identity there is:
   the signed-in user when MONAI Label's auth is on, else the connection's address.
+- A client opening an image (Slicer's download or upload, OHIF's first request for a series,
+  the next active-learning sample) starts reading it in the background (samlabel.prefetch).
 """
 
 import importlib
 import inspect
 import json
 import logging
+import re
 import sys
+from contextlib import nullcontext
 from typing import Callable
 
 import anyio.to_thread
@@ -65,9 +69,10 @@ def install_routes(fastapi_app=None) -> bool:
         for route in importlib.import_module(f"monailabel.endpoints.{name}").router.routes:
             if isinstance(route, APIRoute) and inspect.iscoroutinefunction(route.endpoint):
                 if route.path == "/infer/{model}":
-                    endpoint = in_worker_thread(route.endpoint, after=note_model, limiter=INFER_LIMITER, tell_clients_apart=True)
+                    endpoint = in_worker_thread(route.endpoint, after=note_model, limiter=INFER_LIMITER, tell_clients_apart=True,
+                                                inference=True)
                 else:
-                    endpoint = in_worker_thread(route.endpoint)
+                    endpoint = in_worker_thread(route.endpoint, after=OPENS_AN_IMAGE.get(route.path))
                 ours.append(copy_route(route, prefix + route.path, endpoint, fastapi_app))
     ours.append(APIRoute(prefix + PROXY_PATH, proxy_dicom, methods=["GET", "POST"], include_in_schema=False,
                          dependency_overrides_provider=fastapi_app))
@@ -77,25 +82,28 @@ def install_routes(fastapi_app=None) -> bool:
 
 
 def in_worker_thread(endpoint: Callable, after: Callable = None, limiter: CapacityLimiter = None,
-                     tell_clients_apart: bool = False) -> Callable:
+                     tell_clients_apart: bool = False, inference: bool = False) -> Callable:
     """An endpoint with endpoint's signature that runs endpoint's coroutine in a worker thread
     (taking a token of limiter, default: the pool every route shares). MONAI Label's endpoints
     never await: the coroutine ends on its first step; one that would suspend is an error, not
     a hang. (Not functools.wraps: FastAPI would follow __wrapped__ to the original.)
-    tell_clients_apart: the `params` form field's client_id gets the asker's identity (who)."""
+    after(result, **kwargs): called with a successful answer. tell_clients_apart: the `params`
+    form field's client_id gets the asker's identity (who). inference: no prefetch starts meanwhile."""
 
     def drive(kwargs):
-        coroutine = endpoint(**kwargs)
-        try:
-            coroutine.send(None)
-        except StopIteration as done:
-            if after is not None:
-                after(**kwargs)
-            return done.value
-        except InputError as error:
-            raise HTTPException(status_code=400, detail=str(error)) from None
-        coroutine.close()
-        raise RuntimeError(f"{endpoint.__name__} awaited: it cannot run in a worker thread")
+        prefetcher = getattr(app_instance(), "prefetcher", None) if inference else None
+        with prefetcher.inference() if prefetcher is not None else nullcontext():
+            coroutine = endpoint(**kwargs)
+            try:
+                coroutine.send(None)
+            except StopIteration as done:
+                if after is not None:
+                    after(done.value, **kwargs)
+                return done.value
+            except InputError as error:
+                raise HTTPException(status_code=400, detail=str(error)) from None
+            coroutine.close()
+            raise RuntimeError(f"{endpoint.__name__} awaited: it cannot run in a worker thread")
 
     async def run(**kwargs):
         http_request = kwargs.pop(ASKER, None)
@@ -147,11 +155,31 @@ def copy_route(route: APIRoute, path: str, endpoint: Callable, fastapi_app) -> A
     )  # fmt: skip
 
 
-def note_model(model: str = "", image: str = "", **_) -> None:
+def note_model(result, model: str = "", image: str = "", **_) -> None:
     """After an inference: which model segmented the image, for the DICOM SEG saved for it."""
     store = app_instance().datastore()
     if image and hasattr(store, "note_model"):
         store.note_model(image, model)
+
+
+def prefetch(key, locate: Callable[[], str]) -> None:
+    prefetcher = getattr(app_instance(), "prefetcher", None)
+    if prefetcher is not None and key:
+        prefetcher.open(key, locate)
+
+
+def prefetch_datastore_image(image_id) -> None:
+    if isinstance(image_id, str):
+        prefetch(image_id, lambda: app_instance().datastore().get_image_uri(image_id))
+
+
+# Routes by which a client opens an image: after(result, **request) starts reading it.
+OPENS_AN_IMAGE = {
+    "/datastore/image": lambda result, image="", **_: prefetch_datastore_image(image),  # Slicer: the image to show
+    "/session/": lambda result, **_: prefetch(result.get("session_id"), lambda: result["session_info"]["image"]),
+    "/activelearning/{strategy}": lambda result, **_: prefetch_datastore_image((result or {}).get("id")),
+}
+SERIES_PATH = re.compile(r"studies/[0-9.]+/series/([0-9.]+)")  # a series' metadata, instances or frames
 
 
 async def proxy_dicom(request: Request, path: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
@@ -189,6 +217,9 @@ async def proxy_dicom(request: Request, path: str, user: User = Depends(RBAC(set
         status, upstream_headers, content = await run_in_threadpool(forward)
     except requests.RequestException as error:
         raise HTTPException(502, detail=f"DICOMweb server {settings.MONAI_LABEL_STUDIES}: {error}") from None
+    series = SERIES_PATH.match(rest) if op == "wado" and status == 200 else None
+    if series:  # OHIF is loading this series: fetch and read it for the first click
+        prefetch_datastore_image(series.group(1))
     headers = {k: v for k, v in upstream_headers.items() if k.lower() not in HOP_BY_HOP}
     return Response(content=content, status_code=status, headers=headers)
 
