@@ -9,6 +9,7 @@ upstream values, the encoder features are reused by a second run, and bad reques
 
 import json
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -133,3 +134,49 @@ def test_batch_inference_labels_every_volume_of_the_datastore(server, studies, t
         assert set(np.unique(sitk.GetArrayFromImage(result)).tolist()) <= {0, 1, 2, 3, 4, 6, 7, 8, 11}
     assert requests.get(f"{server.url}/datastore/label", params={"label": "flat_2d", "tag": "original"},
                         timeout=30).status_code != 200
+
+
+def train(server, **params):
+    return requests.post(f"{server.url}/train/{MODEL}", json=params, timeout=60)
+
+
+def test_training_on_a_saved_label_is_served_without_a_restart(server, studies, sam3d_checkpoint,
+                                                              sample_studies_module, tmp_path):
+    """/train/<model> through MONAI Label's own training process: refused up front without labels
+    or with bad options; with a Slicer-style final label (values named by label_info) it writes a
+    new decoder next to the official one, which the next inference serves."""
+    digest = sha256(sam3d_checkpoint)
+    before = infer(server, "ct_synthetic")  # with the official decoder (and the features cached)
+    assert before.status_code == 200 and split(before, tmp_path)[0]["weights"] == Path(sam3d_checkpoint).name
+    refused = train(server, max_epochs=1)
+    assert refused.status_code == 400 and "no labels" in refused.json()["detail"]
+    assert train(server, max_epochs=0).status_code == 400
+
+    ct = nib.load(studies / sample_studies_module.CT_NAME)
+    label = sample_studies_module.ct_label_array(sample_studies_module.NIFTI_CT)  # 1 bright, 2 dark
+    nib.save(nib.Nifti1Image(label, ct.affine), tmp_path / "label.nii.gz")
+    label_info = [{"name": "Liver", "idx": 1}, {"name": "spleen", "idx": 2}]  # Slicer's segment names
+    with open(tmp_path / "label.nii.gz", "rb") as f:
+        saved = requests.put(f"{server.url}/datastore/label", params={"image": "ct_synthetic", "tag": "final"},
+                             files={"label": ("label.nii.gz", f)}, data={"params": json.dumps({"label_info": label_info})},
+                             timeout=60)
+    assert saved.status_code == 200, saved.text
+
+    started = train(server, max_epochs=1, iterations_per_epoch=2, batch_size=1)
+    assert started.status_code == 200, started.text
+    assert train(server, max_epochs=1).status_code in (400, 429)  # one run at a time
+    deadline = time.monotonic() + TIMEOUT
+    while (task := requests.get(f"{server.url}/train/", timeout=30).json())["status"] not in ("DONE", "ERROR"):
+        assert time.monotonic() < deadline, "training did not finish"
+        time.sleep(2)
+    assert task["status"] == "DONE", task.get("details")
+    stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"][MODEL]
+    assert stats["status"] == "done" and stats["epoch"] == stats["total_epochs"] == 1 and len(stats["loss"]) == 1
+    written = Path(stats["written"]).name
+    assert written.endswith(".model") and (Path(sam3d_checkpoint).parent / "trained" / written).is_file()
+
+    served = infer(server, "ct_synthetic")
+    assert served.status_code == 200, served.text
+    params, _ = split(served, tmp_path)
+    assert params["weights"] == written and params["encoded_slices"] == 0  # new decoder, same cached features
+    assert sha256(sam3d_checkpoint) == digest  # the official file is never written

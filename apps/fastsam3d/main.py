@@ -25,6 +25,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
 
 import samlabel
 from samlabel.configs import config_families
@@ -81,6 +82,9 @@ class FastSAM3DApp(MONAILabelApp):
         threading.Thread(target=warm_up_writer, daemon=True).start()
         return infers
 
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {name: trainer for name, config in self.configs.items() if (trainer := config.trainer()) is not None}
+
     def infer(self, request, datastore=None):
         """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message; a
         task's declared secondary outputs are stored in the datastore next to the image. A result
@@ -106,6 +110,12 @@ class FastSAM3DApp(MONAILabelApp):
                 save_map(store, image, tag, array, affine, {"model": request["model"], "kind": task.secondary_outputs[key]})
                 result.setdefault("params", {})[f"{key}_map"] = {"image": image, "tag": tag}
         return result
+
+    def check_train_request(self, model: str, params: dict) -> None:
+        """The train task's checks of a request, before MONAI Label starts its process (InputError: 400)."""
+        task = self._trainers.get(model)
+        if hasattr(task, "check"):
+            task.check({**task.config(), **params}, self.datastore())
 
     def batch_infer(self, request, datastore=None):
         """MONAI Label's, with two fixes: an image the task refuses (a 2D one, say) is logged and

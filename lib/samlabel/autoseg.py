@@ -364,6 +364,12 @@ def _normalise(channel: np.ndarray, scheme: str, use_mask: bool, properties: Opt
 
 
 # ---- the sliding window ---------------------------------------------------------------------------
+def padding(shape: Sequence[int], patch: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(padded shape, zeros before) of the sliding window: at least the patch, floor(diff / 2) before."""
+    padded = tuple(max(n, p) for n, p in zip(shape, patch))
+    return padded, tuple((q - n) // 2 for q, n in zip(padded, shape))
+
+
 def window_starts(image_size: Sequence[int], patch_size: Sequence[int],
                   step_size: float = STEP_SIZE) -> List[List[int]]:
     """nnU-Net v1's _compute_steps_for_sliding_window: per axis ceil((L - P) / (P * step)) + 1
@@ -420,10 +426,9 @@ def predict_probabilities(data: torch.Tensor, plans: Plans, encode: Encode, deco
     as nnU-Net v1's sliding window (see the module docstring); features cached under cache_key."""
     patch = plans.patch_size
     shape = tuple(data.shape[1:])
-    padded_shape = tuple(max(n, p) for n, p in zip(shape, patch))
-    before = [(q - n) // 2 for q, n in zip(padded_shape, shape)]
-    padding = [amount for a in (2, 1, 0) for amount in (before[a], padded_shape[a] - shape[a] - before[a])]
-    padded = F.pad(data, padding)  # zeros, as pad_nd_image(..., 'constant', constant_values=0)
+    padded_shape, before = padding(shape, patch)
+    widths = [amount for a in (2, 1, 0) for amount in (before[a], padded_shape[a] - shape[a] - before[a])]
+    padded = F.pad(data, widths)  # zeros, as pad_nd_image(..., 'constant', constant_values=0)
     starts = window_starts(padded_shape, patch)
     single = len(starts[0]) * len(starts[1]) * len(starts[2]) == 1
     weight = torch.ones(patch, device=data.device) if single else gaussian_importance(patch, data.device)

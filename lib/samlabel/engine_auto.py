@@ -13,7 +13,7 @@ Decoder weights: the official file, or the newest one a training run wrote next 
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,12 +54,18 @@ class AutoSegmentationEngine:
         if self.weights == "official":
             return self.checkpoint
         if self.weights != "latest":
-            chosen = self.checkpoint.parent / TRAINED / self.weights
-            if not chosen.is_file():
-                raise InputError(f"{self.spec.name}_weights: no trained weights {self.weights!r} in {chosen.parent}")
-            return chosen
+            return self.checkpoint.parent / TRAINED / self.weights  # when absent, missing_files() says so
         trained = trained_weights(self.checkpoint)
         return trained[-1] if trained else self.checkpoint
+
+    def missing_files(self) -> List[str]:
+        """The files the served decoder needs that are not there (none: it can run)."""
+        decoder = self.decoder_file()
+        return [str(p) for p in (decoder, plans_path_of(decoder), self.encoder_checkpoint) if not p.is_file()]
+
+    def missing_message(self) -> str:
+        missing = self.missing_files()
+        return f"checkpoint files not found: {', '.join(missing)} (download: {self.spec.source})" if missing else ""
 
     def model(self):
         """(network, autoseg.Plans), loaded on first use and again when the decoder file changed."""

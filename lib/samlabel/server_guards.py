@@ -30,6 +30,7 @@ from fastapi import HTTPException
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
 from monailabel.endpoints import session as session_endpoints
+from monailabel.endpoints import train as train_endpoints
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
@@ -37,6 +38,7 @@ from monailabel.utils.others.generic import get_basename
 from starlette.datastructures import Headers
 
 from .datastore import NAME, HardenedDatastore, InvalidName, check_name
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ ORIGINAL = {  # MONAI Label's functions, taken before any replacement
     "run_inference": infer_endpoints.run_inference,
     "add_image": datastore_endpoints.add_image,
     "save_label": datastore_endpoints.save_label,
+    "run_model": train_endpoints.run_model,
 }
 _upload_limit = {"bytes": DEFAULT_UPLOAD_MB * 2**20, "detail": ""}
 
@@ -138,6 +141,23 @@ def save_label(background_tasks, image, params="{}", tag=DefaultLabelTag.FINAL.v
     tag = require_name(tag or DefaultLabelTag.FINAL.value, "label tag")
     require_image(app_instance().datastore(), image)
     return run_original("save_label", background_tasks, image, params, tag, label, user)
+
+
+def run_train(model, params=None, run_sync=False, enqueue=False):
+    """MONAI Label's POST /train/<model>, after the task's own checks (no labels, bad options, a run
+    going): refused with 400 before a training process is started, not as a failed run later."""
+    if not isinstance(params, (dict, type(None))):
+        raise HTTPException(status_code=400, detail="params must be a JSON object")
+    instance = app_instance()
+    if model not in instance.info().get("trainers", {}):
+        raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {', '.join(instance.info().get('trainers', {}))}")
+    check = getattr(instance, "check_train_request", None)
+    if check is not None:
+        try:
+            check(model, params or {})
+        except InputError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+    return ORIGINAL["run_model"](model, params, run_sync, enqueue)
 
 
 def create_session(background_tasks, uncompress=False, expiry=0, files=()):
@@ -255,6 +275,7 @@ def install_guards(upload_mb: float = DEFAULT_UPLOAD_MB) -> None:
     datastore_endpoints.add_image = add_image
     datastore_endpoints.save_label = save_label
     session_endpoints.create_session = create_session
+    train_endpoints.run_model = run_train
 
     server = sys.modules.get("monailabel.app")  # imported by uvicorn; absent when the app is built in-process
     if server is not None and not getattr(server.app.router.middleware_stack, "samlabel_limit", False):

@@ -14,8 +14,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from ..checkpoint import find_checkpoint
 from ..registry import get_spec
-from ..sam3d_checkpoint import plans_path_of
 from ..tasks.auto import AutoSegmentation
+from ..tasks.train_auto import Sam3DTraining
 from .base import SamTaskConfig
 
 
@@ -28,11 +28,10 @@ class AutoSeg3DConfig(SamTaskConfig):
         self.spec = get_spec(name)
         self.path = find_checkpoint(self.spec, model_dir, conf)
         encoder = Path(conf.get("sam_vit_b_checkpoint") or Path(model_dir) / self.spec.encoder_checkpoint_file)
-        absent = [str(p) for p in (self.path, plans_path_of(self.path), encoder) if not p.is_file()]
-        self.missing = (f"checkpoint files not found: {', '.join(absent)} (download: {self.spec.source})" if absent else "")
         self.engine = self.spec.engine(self.spec, self.path, kwargs["images"], device=self.settings.device,
                                        dtype=self.settings.dtype, encoder_checkpoint=encoder,
                                        weights=conf.get(f"{name}_weights", "latest"))
+        self.missing = self.engine.missing_message()  # a decoder trained here counts as present
 
     def infer(self) -> Dict[str, InferTask]:
         return {self.name: AutoSegmentation(self.engine, self.missing)} if "segmentation" in self.spec.tasks else {}
@@ -42,6 +41,4 @@ class AutoSeg3DConfig(SamTaskConfig):
 
     def trainer(self):
         """/train/<name>: fine-tunes the decoder on the datastore's final labels."""
-        from ..tasks.train_auto import Sam3DTraining  # here: this method is the train task's only hook in this file
-
         return Sam3DTraining(self.engine) if "training" in self.spec.tasks else None

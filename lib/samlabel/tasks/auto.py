@@ -29,8 +29,9 @@ class AutoSegmentation(SamInferTask):
         self.missing_checkpoint_hint = missing_checkpoint_hint
 
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
-        if self.missing_checkpoint_hint and not (self.engine.checkpoint.is_file() and self.engine.encoder_checkpoint.is_file()):
-            raise HTTPException(status_code=503, detail=self.missing_checkpoint_hint)
+        missing = self.engine.missing_message()  # asked each time: a training run may have written a decoder since
+        if missing:
+            raise HTTPException(status_code=503, detail=f"{self.engine.spec.title}: {missing}")
         if not data.get("image_path") or not os.path.exists(data["image_path"]):
             raise HTTPException(status_code=404, detail="image not found in the datastore or session")
         result_options(data)  # a bad result option is refused before any model work
