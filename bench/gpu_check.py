@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from samlabel.attention import flash_available
+from samlabel.modeling.build_sam3d_seg import build_sam3d_seg
 from samlabel.predictor import SamPredictor3D
 from samlabel.predictor2d import SamPredictor2D
 from samlabel.registry import get_spec
 from samlabel.request import ClickRequest
+from samlabel.sam3d_training import deep_supervision_loss, make_optimizer
 from samlabel.seeded import seeded_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -37,7 +39,8 @@ SMALL = {"fastsam3d": dict(embed_dim=48, depth=3, num_heads=2, prompt_dim=48),
          "medsam": dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), prompt_dim=32, decoder_mlp_dim=64,
                         iou_head_hidden_dim=32),
          "sam_med2d": dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), prompt_dim=32, decoder_mlp_dim=64,
-                           iou_head_hidden_dim=32)}
+                           iou_head_hidden_dim=32),
+         "sam3d_synapse": dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))}
 
 
 def synchronise(device):
@@ -84,6 +87,33 @@ def network_latency(name, dtype, dry_run, device, repeats):
         decode = lambda: predictor.predict_torch(None, None, boxes, None) if spec.prompt.takes_box else \
             predictor.predict_torch(points, labels, None, None)  # noqa: E731
     return median_seconds(encode, repeats, device), median_seconds(decode, repeats, device)
+
+
+def sam3d_costs(dtype, dry_run, device, repeats):
+    """SAM3D (Synapse): encoder seconds per 176^2 slice, decoder seconds per 64 x 176 x 176 window,
+    and one decoder training iteration (batch 2, deep supervision, the official Dice + CE, SGD)."""
+    patch = (8, 64, 64) if dry_run else (64, 176, 176)
+    model = build_sam3d_seg(img_size=patch[1], num_classes=14, **(SMALL["sam3d_synapse"] if dry_run else {}))
+    model.load_state_dict(seeded_state_dict({k: v.shape for k, v in model.state_dict().items()}, 3))
+    model = model.to(device).eval()
+    slices = torch.randn(1, 1, min(8, patch[0]), *patch[1:], device=device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        encoder = median_seconds(lambda: model.encode(slices), repeats, device) / slices.shape[2]
+        features = model.encode(torch.randn(1, 1, *patch, device=device))
+        with torch.no_grad():
+            decoder = median_seconds(lambda: model.decode(features), repeats, device)
+    batch = features.float().repeat(2, 1, 1, 1, 1)
+    target = torch.randint(0, 14, (2, *patch), device=device)
+    optimizer = make_optimizer(model.decoder.train(), 1e-2)
+
+    def iteration():
+        optimizer.zero_grad()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            outputs = model.decode(batch, deep_supervision=True)
+        deep_supervision_loss([o.float() for o in outputs], target, batch_dice=False).backward()
+        optimizer.step()
+
+    return encoder, decoder, median_seconds(iteration, repeats, device)
 
 
 def write_volume(path, shape):
@@ -135,6 +165,13 @@ def main():
             encoder, decoder = network_latency(name, dtype, args.dry_run, device, repeats)
             report["networks"][f"{name}/{dtype_name}"] = {"encoder_s": encoder, "decoder_s": decoder}
             print(f"| {name} | {dtype_name} | {encoder:.4f} | {decoder:.4f} |", flush=True)
+    print("\n| SAM3D (Synapse) | dtype | encoder per slice (s) | decoder per window (s) | training iteration, batch 2 (s) |"
+          "\n|---|---|---|---|---|")
+    for dtype_name, dtype in DTYPES.items():
+        encoder, decoder, iteration = sam3d_costs(dtype, args.dry_run, device, repeats)
+        report["networks"][f"sam3d_synapse/{dtype_name}"] = {"encoder_slice_s": encoder, "decoder_window_s": decoder,
+                                                             "train_iteration_s": iteration}
+        print(f"| sam3d_synapse | {dtype_name} | {encoder:.4f} | {decoder:.4f} | {iteration:.4f} |", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         image = Path(folder) / "volume.nii.gz"
         write_volume(image, shape)

@@ -17,7 +17,11 @@ def test_gpu_check_dry_run_reports_every_model_and_dtype(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     expected = {f"{m}/{d}" for m in ("fastsam3d", "sam_med3d", "medsam", "sam_med2d") for d in ("float32", "bfloat16")}
-    assert set(report["networks"]) == expected and set(report["clicks"]) == expected
+    sam3d = {f"sam3d_synapse/{d}" for d in ("float32", "bfloat16")}
+    assert set(report["networks"]) == expected | sam3d and set(report["clicks"]) == expected
+    for name in sam3d:
+        assert set(report["networks"][name]) == {"encoder_slice_s", "decoder_window_s", "train_iteration_s"}
+        assert all(t > 0 for t in report["networks"][name].values())
     for timings in report["clicks"].values():
         assert set(timings) == {"first_s", "next_s", "uncertainty_2_s", "uncertainty_4_s"}
         assert all(t > 0 for t in timings.values())

@@ -17,8 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from typing import Any, Dict
 
@@ -26,13 +24,14 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
 
+from .files import TEMP_SUFFIX, atomic_write
+
 logger = logging.getLogger(__name__)
 
 # One path component: no separators, never "." or "..", no hidden names. Covers file-name ids (Slicer
 # names an uploaded image after its node: "MR Head"), DICOM UIDs and tags ("final", "<model>_uncertainty").
 NAME = re.compile(r"\w[\w.+ -]{0,127}")
 EXTENSION = re.compile(r"(\.[A-Za-z0-9_-]{1,16}){1,4}")
-TEMP_SUFFIX = ".part"  # matches none of the datastore's extensions, so reconcile never lists it
 
 
 class InvalidName(MONAILabelException):
@@ -53,38 +52,6 @@ def check_extension(value: str, what: str = "file extension") -> str:
     if not EXTENSION.fullmatch(value or ""):
         raise InvalidName(f"invalid {what} {value!r}: expected e.g. .nii.gz or .nrrd")
     return value
-
-
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
-
-
-def atomic_write(dest: str, source_path: str = None, data: bytes = None) -> None:
-    """Write a file's bytes (or ``data``) to ``dest`` via a temporary file in its folder + fsync + os.replace."""
-    folder = os.path.dirname(dest)
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=TEMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if source_path is not None:
-                with open(source_path, "rb") as source:
-                    shutil.copyfileobj(source, out, 1 << 20)
-            else:
-                out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; the files MONAI Label writes are world-readable
-        os.replace(temp, dest)
-    except BaseException:
-        try:
-            os.remove(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(folder)
 
 
 class HardenedDatastore(LocalDatastore):

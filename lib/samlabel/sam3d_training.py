@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import autoseg
-from .datastore import atomic_write
+from .files import atomic_write
 from .device import to_host
 from .images import StoredImage, file_key
 

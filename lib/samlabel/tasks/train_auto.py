@@ -35,7 +35,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from .. import autoseg
 from ..checkpoint import CheckpointError, read_checkpoint
-from ..datastore import atomic_write
+from ..files import atomic_write
 from ..dicom import result_label_info
 from ..engine_auto import TRAINED, AutoSegmentationEngine, trained_weights
 from ..errors import InputError
