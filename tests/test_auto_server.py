@@ -180,3 +180,24 @@ def test_training_on_a_saved_label_is_served_without_a_restart(server, studies, 
     params, _ = split(served, tmp_path)
     assert params["weights"] == written and params["encoded_slices"] == 0  # new decoder, same cached features
     assert sha256(sam3d_checkpoint) == digest  # the official file is never written
+
+
+def test_four_sequences_as_one_4d_image(tmp_path):
+    """SAM3D's BraTS-style plans take 4 co-registered sequences: served from one 4D image (i, j, k, 4),
+    each sequence normalised and encoded on its own; the labels on the image's grid. A 3D image is
+    refused with a message saying what the model takes."""
+    from samlabel.errors import InputError
+    from samlabel.sam3d_training_seeded import seeded_sam3d_engine
+
+    engine = seeded_sam3d_engine(tmp_path / "model", "sam3d_four", {"edema": 1, "non-enhancing tumor": 2, "enhancing tumor": 3},
+                                 patch_size=(8, 32, 32), spacing=(2.0, 2.0, 2.0), scheme="nonCT", modalities=4)
+    affine = np.array([[0.0, 1.9, 0.1, -20.0], [-2.1, 0.0, 0.0, 30.0], [0.0, 0.1, 2.0, 5.0], [0, 0, 0, 1]])
+    sequences = np.random.default_rng(0).normal(100, 20, (37, 29, 11, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(sequences, affine), tmp_path / "brats_like.nii.gz")
+    nib.save(nib.Nifti1Image(sequences[..., 0], affine), tmp_path / "one_sequence.nii.gz")
+    data = engine.segment(str(tmp_path / "brats_like.nii.gz"))
+    assert data["pred"].shape == (37, 29, 11)
+    assert np.allclose(data["affine"], nib.load(tmp_path / "brats_like.nii.gz").affine, atol=1e-6)  # the image's own
+    assert set(np.unique(data["pred"])) <= {0, 1, 2, 3} and data["result"]["encoded_slices"] > 0
+    with pytest.raises(InputError, match=r"4 co-registered sequences as one 4D image"):
+        engine.segment(str(tmp_path / "one_sequence.nii.gz"))

@@ -182,7 +182,7 @@ def test_checkpoint_lookup_official_name_or_conf(tmp_path):
     assert [s.checkpoint_file for s in registered().values()] == [
         "FastSAM3D.pth", "sam_med3d_turbo.pth", "medsam_vit_b.pth", "medsam_point_prompt_flare22.pth", "sam-med2d_b.pth",
         "sam3d_synapse/model_final_checkpoint.model", "sam3d_acdc/model_final_checkpoint.model",
-        "sam3d_lung/model_final_checkpoint.model"]
+        "sam3d_lung/model_final_checkpoint.model", "sam3d_brats/model_final_checkpoint.model"]
 
 
 def check_command(*args, entry_point=False):

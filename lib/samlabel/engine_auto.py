@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from . import autoseg
-from .errors import InputError
 from .images import ImageCache
 from .registry import ModelSpec
 from .sam3d_checkpoint import load_sam3d, plans_path_of
@@ -79,7 +78,6 @@ class AutoSegmentationEngine:
 
     def segment(self, image_path: str, mirror: bool = False) -> Dict:
         """data for the task's writer: "pred" (uint8 label values on the image grid), "affine", "result"."""
-        image = self.images.get(image_path)
         started = time.perf_counter()
         encoded = []  # slices the encoder ran on (the rest came from the feature cache)
 
@@ -89,12 +87,11 @@ class AutoSegmentationEngine:
 
         with self._lock:
             model, plans = self.model()
-            if plans.num_modalities != 1:
-                raise InputError(f"{self.spec.title} takes {plans.num_modalities} co-registered modalities; "
-                                 "this app serves single images")
+            image = self.images.get(image_path, channels=plans.num_modalities)
+            volumes = image.array if image.array.ndim == 3 else np.moveaxis(image.array, -1, 0)  # (M, i, j, k)
             with torch.autocast(device_type=torch.device(self.device).type, dtype=self.dtype,
                                 enabled=self.dtype != torch.float32):
-                classes = autoseg.segment(image.array, image.affine, plans, encode, model.decode, mirror=mirror,
+                classes = autoseg.segment(volumes, image.affine, plans, encode, model.decode, mirror=mirror,
                                           cache=self.features, image_key=image.key, device=self.device)
         pred = np.zeros(classes.shape, np.uint8)
         for value in self.spec.labels.values():  # only the named classes, with their upstream values

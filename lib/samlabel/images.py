@@ -28,9 +28,12 @@ def file_key(path: str) -> Tuple:
     return path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
+MAX_CHANNELS = 8  # co-registered sequences stored as one 4D image (i, j, k, channel), e.g. BraTS' 4
+
+
 def load_image(path: str) -> StoredImage:
-    """Read a 3D volume (NIfTI, NRRD, DICOM folder...) with MONAI's LoadImage. Raises InputError
-    for what cannot be served."""
+    """Read a 3D volume (NIfTI, NRRD, DICOM folder...), or a 4D one with its channels last, with MONAI's
+    LoadImage. Raises InputError for what cannot be served (ImageCache.get checks the channels)."""
     from monai.transforms import LoadImage
 
     key = file_key(path)
@@ -45,7 +48,7 @@ def load_image(path: str) -> StoredImage:
     array = np.asarray(image.array)
     while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1) volumes
         array = array[..., 0]
-    if array.ndim != 3:
+    if not (array.ndim == 3 or array.ndim == 4 and array.shape[-1] <= MAX_CHANNELS):
         raise InputError(f"the models need a 3D volume; this image has shape {tuple(array.shape)}")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError("the image contains NaN or infinite values")
@@ -68,7 +71,19 @@ class ImageCache:
     def bytes(self) -> float:
         return self._cache.total
 
-    def get(self, path: str) -> StoredImage:
+    def get(self, path: str, channels: int = 1) -> StoredImage:
+        """The image at path; InputError unless it is a 3D volume (channels 1) or a 4D one with that
+        many channels last."""
+        image = self._get(path)
+        shape = tuple(image.array.shape)
+        if channels == 1 and len(shape) != 3:
+            raise InputError(f"the models need a 3D volume; this image has shape {shape}")
+        if channels > 1 and (len(shape) != 4 or shape[-1] != channels):
+            raise InputError(f"the model takes {channels} co-registered sequences as one 4D image (i, j, k, {channels}); "
+                             f"this image has shape {shape}")
+        return image
+
+    def _get(self, path: str) -> StoredImage:
         key = file_key(path)
         image = self._cache.get(key)
         if image is None:

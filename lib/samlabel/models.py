@@ -74,3 +74,9 @@ register_model(ModelSpec(name="sam3d_lung", title="SAM3D (Decathlon lung tumour 
                          checkpoint_file="sam3d_lung/model_final_checkpoint.model", source=SAM3D_SOURCE.format("Lung"),
                          download_page="https://drive.google.com/file/d/1jraG6uXrXEUyj-tFOMiEIGoDxDJeTQ_X/view",
                          labels={"lung tumor": 1}, **SAM3D_INPUT))
+# BraTS: four co-registered MR sequences (its plans' modalities), served from one 4D image (i, j, k, 4); labels as
+# its evaluation reads them (ET = 3, TC = 2 + 3, WT = 1 + 2 + 3).
+register_model(ModelSpec(name="sam3d_brats", title="SAM3D (BraTS brain tumour MRI, 4 sequences)", input_size=(128, 128, 128),
+                         checkpoint_file="sam3d_brats/model_final_checkpoint.model", source=SAM3D_SOURCE.format("BraTS"),
+                         download_page="https://drive.google.com/file/d/1ws73ZuxY9fmCcPPE_q9HS4sYHa0symXJ/view",
+                         labels={"edema": 1, "non-enhancing tumor": 2, "enhancing tumor": 3}, **SAM3D_INPUT))

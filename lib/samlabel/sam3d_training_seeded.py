@@ -21,19 +21,20 @@ ENCODER_FILE = "sam_vit_seeded.pth"
 
 def seeded_sam3d_engine(root, name: str, labels: Dict[str, int], patch_size: Sequence[int],
                         spacing: Tuple[float, float, float], scheme: str = "CT", vit: Dict = TINY_VIT,
-                        seed: int = 0) -> AutoSegmentationEngine:
+                        seed: int = 0, modalities: int = 1) -> AutoSegmentationEngine:
     """Write `root`/ENCODER_FILE and `root`/<name>/model_final_checkpoint.model(.pkl) (classes: the
-    labels' largest id + background; plans with this patch, target spacing (network order) and
-    normalisation scheme) and return the engine serving them on the CPU."""
+    labels' largest id + background; plans with this patch, target spacing (network order),
+    modalities and normalisation scheme) and return the engine serving them on the CPU."""
     root = Path(root)
     (root / name).mkdir(parents=True)
     torch.save(seeded_sam_state_dict(seed, **vit), root / ENCODER_FILE)
     decoder = root / name / "model_final_checkpoint.model"
     num_classes = max(labels.values()) + 1
-    shapes = {k: v.shape for k, v in Sam3DDecoder(num_classes).state_dict().items()}
+    shapes = {k: v.shape for k, v in Sam3DDecoder(num_classes, modalities).state_dict().items()}
     torch.save(nnunet_training_checkpoint(seeded_state_dict(shapes, seed + 1)), decoder)
-    info = nnunet_plans_info(num_classes, patch_size=tuple(patch_size), spacing=spacing)
-    info["plans"]["normalization_schemes"][0] = scheme
+    info = nnunet_plans_info(num_classes, modalities, patch_size=tuple(patch_size), spacing=spacing)
+    for channel in range(modalities):
+        info["plans"]["normalization_schemes"][channel] = scheme
     with open(f"{decoder}.pkl", "wb") as f:
         pickle.dump(info, f)
     spec = ModelSpec(name=name, title=f"SAM3D ({name}, seeded)", family="auto3d",
