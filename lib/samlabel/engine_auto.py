@@ -46,7 +46,7 @@ class AutoSegmentationEngine:
         self.features = autoseg.FeatureCache(feature_cache_bytes)
         self._loaded: Tuple = ()  # (decoder file, its mtime) of the network held
         self._model, self._plans = None, None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one user of the network at a time; loading it (preload, reload) too
 
     def decoder_file(self) -> Path:
         """The decoder weights to serve now (see the module docstring)."""
@@ -68,13 +68,14 @@ class AutoSegmentationEngine:
 
     def model(self):
         """(network, autoseg.Plans), loaded on first use and again when the decoder file changed."""
-        path = self.decoder_file()
-        state = (path, path.stat().st_mtime_ns if path.is_file() else None)
-        if state != self._loaded:
-            model, plans = load_sam3d(self.encoder_checkpoint, path, plans_path_of(path), device=self.device,
-                                      builder=self.spec.builder)
-            self._model, self._plans, self._loaded = model, autoseg.Plans.from_dict(plans), state
-        return self._model, self._plans
+        with self._lock:
+            path = self.decoder_file()
+            state = (path, path.stat().st_mtime_ns if path.is_file() else None)
+            if state != self._loaded:
+                model, plans = load_sam3d(self.encoder_checkpoint, path, plans_path_of(path), device=self.device,
+                                          builder=self.spec.builder)
+                self._model, self._plans, self._loaded = model, autoseg.Plans.from_dict(plans), state
+            return self._model, self._plans
 
     def segment(self, image_path: str, mirror: bool = False) -> Dict:
         """data for the task's writer: "pred" (uint8 label values on the image grid), "affine", "result"."""

@@ -26,7 +26,6 @@ class AutoSegmentation(SamInferTask):
         super().__init__(path=None, network=None, type=InferType.SEGMENTATION, labels=dict(spec.labels), dimension=3,
                          description=description, config={"mirroring": False})
         self.engine = engine
-        self.missing_checkpoint_hint = missing_checkpoint_hint
 
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         missing = self.engine.missing_message()  # asked each time: a training run may have written a decoder since
