@@ -23,8 +23,9 @@ CONF ?=
 FETCH ?= 1
 FETCH_STEP := $(if $(filter 0,$(FETCH)),,checkpoints)
 
-# Debian packages of the front-end tests: OHIF runs in Chromium on an Orthanc DICOMweb store.
-SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2
+# Debian packages of the front-end tests: OHIF runs in Chromium on an Orthanc DICOMweb store; nginx in
+# front of app replicas (scripts/replicas.py).
+SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2 nginx
 
 .PHONY: .venv test serve serve-dicomweb studies checkpoints system-packages clean
 
@@ -42,10 +43,10 @@ test: $(STAMP) system-packages
 
 # Installed where apt-get can (as root, e.g. CI); elsewhere the OHIF tests skip and say why.
 system-packages:
-	@if command -v chromium >/dev/null && test -x /usr/sbin/Orthanc && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
+	@if command -v chromium >/dev/null && test -x /usr/sbin/Orthanc && test -x /usr/sbin/nginx && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
-	else echo "note: install $(SYSTEM_PACKAGES) (Debian) for the OHIF end-to-end tests; they are skipped without them"; fi
+	else echo "note: install $(SYSTEM_PACKAGES) (Debian) for the OHIF end-to-end and replica tests; they are skipped without them"; fi
 
 studies: $(STAMP)
 	$(PY) scripts/sample_studies.py $(SAMPLE_STUDIES)

@@ -150,14 +150,21 @@ class DicomSegStore(DICOMWebDatastore):
         with self._lock:
             lock = self._series_locks.setdefault(image_id, threading.RLock())
         with lock:
-            converted = os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
+            converted = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
             if not self._convert_to_nifti or not os.path.exists(converted):
                 # checked before MONAI Label converts it (a refused series is never converted)
                 folder = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
                 if not os.path.isdir(folder) or not os.listdir(folder):
                     dicom_web_download_series(None, image_id, folder, self._client, self._fetch_by_frame)
                 check_uniform_slices(folder)
-            return super().get_image_uri(image_id)
+            uri = super().get_image_uri(image_id)
+            if self._convert_to_nifti and os.path.realpath(uri) != converted and os.path.isfile(converted):
+                # MONAI Label answers its first conversion with the temporary file it then copied into the
+                # cache (and leaves it behind): every request must see one path, the cached file, or the
+                # first click's interaction and image cache belong to a file no later click names.
+                os.remove(uri)
+                return converted
+            return uri
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:

@@ -138,7 +138,8 @@ class SliceSegmenter(ClickEngine):
             runs = self.encoder_runs
             predictor.set_embedding(self._embedding(predictor, image, slice_index))
             logits, _ = self.decode(predictor, prompts, previous_logits, request.ensemble_size)
-        info = {"model": self.spec.name, "slice": slice_index, "embedding_reused": self.encoder_runs == runs}
+        info = {"model": self.spec.name, "slice": slice_index, "interaction_continued": previous is not None,
+                "embedding_reused": self.encoder_runs == runs}
         return {"logits": logits, "geometry": SliceGeometry((slice_index,), image.array.shape, self._masks()),
                 "affine": image.affine, "result": info, "click_request": request, "image_path": image_path,
                 "interaction": Interaction(image.key, clicks, slice_index)}

@@ -70,6 +70,7 @@ class ClickSegmenter3D(ClickEngine):
 
         info = {
             "model": self.spec.name,
+            "interaction_continued": previous is not None,  # False: a new one (e.g. another replica, a reset)
             "window_reused": bool(keep_window),
             "embedding_reused": embedding_reused,
             "window_affine": np.round(window.affine, 6).tolist(),

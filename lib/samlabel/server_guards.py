@@ -34,6 +34,7 @@ from monailabel.endpoints import train as train_endpoints
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.utils import tasks as async_tasks
 from monailabel.utils.others.generic import get_basename
 from starlette.datastructures import Headers
 
@@ -151,6 +152,9 @@ def run_train(model, params=None, run_sync=False, enqueue=False):
     instance = app_instance()
     if model not in instance.info().get("trainers", {}):
         raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {', '.join(instance.info().get('trainers', {}))}")
+    if not enqueue and any(task.get("status") in ("SUBMITTED", "RUNNING") for task in async_tasks("train")):
+        # MONAI Label only sees a run once its process has started: one submitted just before would be queued
+        raise HTTPException(status_code=409, detail="a training run is already going; wait for it to end (or stop it: DELETE /train/)")
     check = getattr(instance, "check_train_request", None)
     if check is not None:
         try:
