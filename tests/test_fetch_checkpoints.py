@@ -282,8 +282,14 @@ def test_offline_it_says_what_to_put_where_and_exits_0(tmp_path, model_dir, offl
     for spec in registered().values():
         prefix = f"fetch_checkpoints: {spec.name}: "
         line = next((x for x in result.stdout.splitlines() if x.startswith(prefix) and "Download" in x), "")
-        assert f"Download {spec.checkpoint_file} from " in line, result.output
-        assert f"put it at {model_dir / spec.checkpoint_file}" in line, line
+        if spec.encoder_checkpoint_file:  # SAM3D: the decoder, its plans beside it, and Meta's encoder
+            name = Path(spec.checkpoint_file).name
+            assert f"Download {name} and {name}.pkl from " in line, result.output
+            assert f"put them in {(model_dir / spec.checkpoint_file).parent}" in line, line
+            assert f"needs {spec.encoder_checkpoint_file}" in line and f"at {model_dir / spec.encoder_checkpoint_file}" in line
+        else:
+            assert f"Download {spec.checkpoint_file} from " in line, result.output
+            assert f"put it at {model_dir / spec.checkpoint_file}" in line, line
         if spec.hf_repo:
             assert f"/{spec.hf_repo}/resolve/main/{spec.hf_filename}" in line, line
             reason = {"unreachable": "the Hub cannot be reached (offline?)", "HF_HUB_OFFLINE": "HF_HUB_OFFLINE is set",
