@@ -83,7 +83,7 @@ class FastSAM3DApp(MONAILabelApp):
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
-        return {name: trainer for name, config in self.configs.items() if (trainer := config.trainer()) is not None}
+        return {name: task for config in self.configs.values() for name, task in config.trainers().items()}
 
     def infer(self, request, datastore=None):
         """MONAI Label's own refusals (e.g. an unknown model) as HTTP errors with their message; a

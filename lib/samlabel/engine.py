@@ -9,6 +9,11 @@ request. A click runs in two steps, so that nothing changes when a request fails
     engine.commit(data)                           # only now the interaction state advances
 
 `segment` does all three, for callers without MONAI Label (tests, benchmarks).
+
+Weights: the official checkpoint, or the newest file a click fine-tuning run wrote under
+`<checkpoint folder>/trained/<model>/` (versioned, the official file is never written); `weights`
+(--conf <model>_weights) picks "latest" (default), "official" or a file name there. The predictor
+is loaded again when that file changes, without a restart.
 """
 
 import threading
@@ -40,15 +45,33 @@ class Interaction:
     low_res_logits: Optional[np.ndarray] = None  # the result's, fed back as the next mask prompt
 
 
+TRAINED = "trained"  # folder next to the official checkpoint where training runs write theirs
+
+
+def trained_folder(checkpoint: Path, model: str) -> Path:
+    """Where click fine-tuning writes `model`'s weights: per model, as the click models' official
+    files share one folder."""
+    return checkpoint.parent / TRAINED / model
+
+
+def trained_weights(checkpoint: Path, model: str) -> List[Path]:
+    """Weights written by fine-tuning runs for `model`, oldest first (names sort by time)."""
+    folder = trained_folder(checkpoint, model)
+    return sorted(folder.glob("*.pth")) if folder.is_dir() else []
+
+
 class ClickEngine:
     dimension: int  # 3: volumetric clicks; 2: slice by slice
 
     def __init__(self, spec: ModelSpec, checkpoint=None, images: Optional[ImageCache] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, predictor=None, embeddings: int = 32, interactions: int = 256,
-                 clients: int = 1024, ensemble: EnsembleConfig = EnsembleConfig()):
-        """predictor: a ready predictor (tests, benchmarks); else the checkpoint is loaded on first use."""
+                 clients: int = 1024, ensemble: EnsembleConfig = EnsembleConfig(), weights: str = "latest"):
+        """predictor: a ready predictor (tests, benchmarks); else the weights (weights_file()) are
+        loaded on first use, and again when that file changes."""
         self.spec, self.device, self.dtype = spec, device, dtype
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.weights = weights
+        self._loaded: Tuple = ()  # (weights file, its mtime) of the predictor held; () for a given one
         self.images = images or ImageCache()
         self.embeddings = LRUCache(embeddings)
         self.interactions = LRUCache(interactions)  # interaction key -> Interaction
@@ -62,10 +85,33 @@ class ClickEngine:
     def make_predictor(self, model: torch.nn.Module):
         raise NotImplementedError
 
+    def weights_file(self) -> Path:
+        """The weights to serve now (see the module docstring)."""
+        if self.weights == "official":
+            return self.checkpoint
+        if self.weights != "latest":
+            return trained_folder(self.checkpoint, self.spec.name) / self.weights
+        trained = trained_weights(self.checkpoint, self.spec.name)
+        return trained[-1] if trained else self.checkpoint
+
+    def weights_name(self) -> Optional[str]:
+        """The file name of the weights held (None: a predictor given ready)."""
+        return self._loaded[0].name if self._loaded else None
+
     def predictor(self):
+        """The predictor, loaded on first use and again when weights_file() changed. Cached
+        embeddings stay valid when the new weights have the same image encoder (fine-tuning keeps it)."""
         with self._load_lock:
-            if self._predictor is None:
-                self._predictor = self.make_predictor(load_model(self.spec, self.checkpoint, self.device))
+            if self._predictor is not None and not self._loaded:
+                return self._predictor  # given ready
+            path = self.weights_file()
+            state = (path, path.stat().st_mtime_ns if path.is_file() else None)
+            if state != self._loaded:
+                model = load_model(self.spec, path, self.device)
+                with self._model_lock:
+                    if self._predictor is not None and not same_encoder(self._predictor.model, model):
+                        self.embeddings = LRUCache(self.embeddings.capacity)
+                    self._predictor, self._loaded = self.make_predictor(model), state
             return self._predictor
 
     def predict(self, image_path: str, request: ClickRequest) -> dict:
@@ -120,3 +166,12 @@ class ClickEngine:
             members = self.spec.prompt.members(prompts, logits, config, self.spec.input_size[0])
             logits, _ = self.spec.prompt.decode(predictor, members, previous_logits)
         return logits, iou
+
+
+def same_encoder(old: torch.nn.Module, new: torch.nn.Module) -> bool:
+    """Whether two networks' image encoders hold equal weights (their embeddings are interchangeable)."""
+    if not (hasattr(old, "image_encoder") and hasattr(new, "image_encoder")):
+        return False
+    old_state, new_state = old.image_encoder.state_dict(), new.image_encoder.state_dict()
+    return old_state.keys() == new_state.keys() and all(torch.equal(old_state[k], new_state[k].to(old_state[k].device))
+                                                        for k in old_state)

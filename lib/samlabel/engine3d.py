@@ -70,6 +70,7 @@ class ClickSegmenter3D(ClickEngine):
 
         info = {
             "model": self.spec.name,
+            "weights": self.weights_name(),  # the file served: a fine-tuning run's once one is written
             "interaction_continued": previous is not None,  # False: a new one (e.g. another replica, a reset)
             "window_reused": bool(keep_window),
             "embedding_reused": embedding_reused,

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from . import autoseg
+from .engine import TRAINED  # where training runs write their weights, next to the official file
 from .images import ImageCache
 from .registry import ModelSpec
 from .sam3d_checkpoint import load_sam3d, plans_path_of
 
-TRAINED = "trained"  # folder next to the official decoder file where training runs write theirs
 
 
 def trained_weights(checkpoint: Path) -> list:

@@ -12,6 +12,8 @@ from .registry import get_spec, registered
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_PROPAGATION_SECONDS = 3600.0
+# The files training runs write, by model family (engine_auto: SAM3D's decoders; engine: the click models').
+TRAINED_SUFFIX = {"auto3d": ".model", "clicks3d": ".pth"}
 # MONAI Label's own keys, passed through untouched.
 MONAILABEL_KEYS = ("server_mode", "auth_token", "preload", "skip_scoring", "skip_strategies", "skip_trainers")
 OUR_KEYS = {
@@ -21,8 +23,9 @@ OUR_KEYS = {
     "image_cache_mb": "memory for loaded images in MB (default 2048)",
     "propagation_seconds": "time bound of the 2D models' 3D propagation tasks (default 60)",
     "<model>_checkpoint": "a checkpoint path instead of model/<official file name>",
-    "<model>_weights": 'trained models: "latest" (default: the newest trained decoder, else the official one), '
-                       '"official", or a file name under <checkpoint folder>/trained/',
+    "<model>_weights": 'trained models: "latest" (default: the newest trained weights, else the official ones), '
+                       '"official", or a file name under <checkpoint folder>/trained/ (SAM3D: a .model file) or '
+                       '<checkpoint folder>/trained/<model>/ (FastSAM3D, SAM-Med3D: a .pth file)',
     "sam_vit_b_checkpoint": "SAM3D's encoder, Meta's SAM ViT-B, instead of model/sam_vit_b_01ec64.pth",
     "upload_mb": "largest request body in MB; larger ones get 413 (default 2048)",
 }
@@ -47,15 +50,17 @@ class AppSettings:
         problems: List[str] = []
         models = registered()
         checkpoint_keys = {f"{name}_checkpoint" for name in models}
-        checkpoint_keys |= {f"{name}_weights" for name, spec in models.items() if "training" in spec.tasks}
+        weights_suffix = {f"{name}_weights": TRAINED_SUFFIX[spec.family] for name, spec in models.items()
+                          if "training" in spec.tasks or spec.family == "clicks3d"}
+        checkpoint_keys |= set(weights_suffix)
         for key in conf:
             if key not in OUR_KEYS and key not in checkpoint_keys and key not in MONAILABEL_KEYS:
                 problems.append(f"unknown key {key!r}")
 
-        for key in sorted(k for k in conf if k.endswith("_weights") and k in checkpoint_keys):
-            value = str(conf[key])
-            if value not in ("latest", "official") and (not value.endswith(".model") or Path(value).name != value):
-                problems.append(f"{key} must be latest, official or the name of a .model file, got {value!r}")
+        for key in sorted(k for k in conf if k in weights_suffix):
+            value, suffix = str(conf[key]), weights_suffix[key]
+            if value not in ("latest", "official") and (not value.endswith(suffix) or Path(value).name != value):
+                problems.append(f"{key} must be latest, official or the name of a {suffix} file, got {value!r}")
 
         requested = [m.strip() for m in str(conf.get("models", "")).split(",") if m.strip()]
         explicit = bool(requested) and requested != ["all"]

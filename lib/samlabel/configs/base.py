@@ -3,14 +3,17 @@ the background, and return one task per entry of the model's registry `tasks`.""
 
 import logging
 import threading
-from typing import Dict
+from typing import Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
 
 from ..checkpoint import CheckpointError, find_checkpoint
+from ..click_training import tunable
 from ..registry import get_spec
 from ..tasks.clicks import ClickSegmentation, Propagation, UncertaintyBands
+from ..tasks.train_clicks import ClickTraining
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ class SamTaskConfig(TaskConfig):
         self.missing = "" if self.path.is_file() else (
             f"checkpoint not found: put {self.spec.checkpoint_file} at {self.path} (download: {self.spec.source})")
         self.engine = self.spec.engine(self.spec, self.path, kwargs["images"], device=self.settings.device,
-                                       dtype=self.settings.dtype)
+                                       dtype=self.settings.dtype, weights=conf.get(f"{name}_weights", "latest"))
 
     def infer(self) -> Dict[str, InferTask]:
         name, tasks = self.name, {}
@@ -39,8 +42,19 @@ class SamTaskConfig(TaskConfig):
             tasks[f"{name}_3d"] = Propagation(self.engine, self.missing, self.settings.propagation_seconds)
         return tasks
 
-    def trainer(self):
+    def trainer(self) -> Optional[TrainTask]:
+        """The train task /train/<name> (SAM3D's decoder training); None: none."""
         return None
+
+    def trainers(self) -> Dict[str, TrainTask]:
+        """Every train task of the model, by its /train/ name: trainer() under the model's name, and
+        for the 3D click models `<name>_finetune`, the click fine-tuning of the prompt encoder and
+        mask decoder (samlabel.tasks.train_clicks)."""
+        trainer = self.trainer()
+        tasks = {self.name: trainer} if trainer is not None else {}
+        if self.family == "clicks3d" and tunable(self.spec):
+            tasks[f"{self.name}_finetune"] = ClickTraining(self.engine)
+        return tasks
 
     def preload(self) -> None:
         """Load the weights in the background now, not on the first click."""

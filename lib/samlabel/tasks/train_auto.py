@@ -20,7 +20,6 @@ Files, next to the official decoder file (model/<entry>/):
   feature_cache/<key>/features.npy, grid.json   encoder features per (image, plans, encoder)
 """
 
-import json
 import logging
 import pickle
 import time
@@ -29,28 +28,24 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.interfaces.datastore import Datastore
 
 from .. import autoseg
 from ..checkpoint import CheckpointError, read_checkpoint
-from ..files import atomic_write
 from ..dicom import result_label_info
 from ..engine_auto import TRAINED, AutoSegmentationEngine, trained_weights
 from ..errors import InputError
-from ..images import load_image
 from ..request import as_integer, boolean, short
 from ..sam3d_checkpoint import load_sam3d, network_arguments, plans_path_of, read_plans, sam_encoder_state, stage_plans
 from ..sam3d_training import (CaseSummary, FeatureStore, TrainingHistory, TrainingSettings, TrainingVolume,
                               derived_plans, encoder_identity, labels_on_network_grid, nnunet_checkpoint,
                               train_decoder, write_decoder_files)
+from .train_base import (LABEL_TAG, LockedTrainTask, device_option, given_options, image_and_label, integer_option,
+                         number_option)
 
 logger = logging.getLogger(__name__)
 
 FEATURE_CACHE = "feature_cache"
-STATS_FILE, LOCK_FILE = "train_stats.json", ".train.lock"
-LABEL_TAG = DefaultLabelTag.FINAL.value
 STARTS = ("latest", "official", "fresh")
 DEFAULTS = {
     "max_epochs": 10,  # of upstream-size epochs: fine-tuning, not upstream's 1000 from scratch
@@ -65,56 +60,17 @@ DEFAULTS = {
 }
 
 
-class Sam3DTraining(TrainTask):
+class Sam3DTraining(LockedTrainTask):
+    defaults = DEFAULTS
+
     def __init__(self, engine: AutoSegmentationEngine):
         spec = engine.spec
-        super().__init__(f"{spec.title}: fine-tune the decoder on the final labels ({', '.join(spec.labels)})")
+        super().__init__(f"{spec.title}: fine-tune the decoder on the final labels ({', '.join(spec.labels)})", spec.name,
+                         engine.checkpoint.parent / TRAINED)
         self.engine = engine
-        self.folder = engine.checkpoint.parent
-        self.stats_path = self.folder / TRAINED / STATS_FILE
 
-    def config(self) -> Dict:
-        return dict(DEFAULTS)
-
-    def stats(self) -> Dict:
-        try:
-            stats = json.loads(self.stats_path.read_text())
-        except (OSError, ValueError):  # no run yet
-            return {}
-        if stats.get("status") not in ("done", "error") and self._lock().is_free():
-            stats["status"] = "stopped"  # the run's process ended mid-way (DELETE /train/, or killed)
-        return stats
-
-    def __call__(self, request: Dict, datastore: Datastore) -> Dict:
-        options = self._options(request)
-        (self.folder / TRAINED).mkdir(parents=True, exist_ok=True)
-        lock = self._lock()
-        if not lock.take():
-            raise InputError(f"a training run of {self.engine.spec.name} is already going; wait for it to end "
-                             "(or stop it: DELETE /train/)")
-        stats = {"status": "starting", "model": self.engine.spec.name, "start_ts": int(time.time()),
-                 "epoch": 0, "total_epochs": options["max_epochs"], "options": options}
-        try:
-            self._write_stats(stats)
-            return self._train(options, datastore, stats)
-        except Exception as error:
-            stats.update(status="error", error=f"{type(error).__name__}: {error}")
-            self._write_stats(stats)
-            logger.error(f"{self.engine.spec.name} training failed: {error}")
-            raise
-        finally:
-            lock.release()
-
-    def check(self, request: Dict, datastore: Datastore) -> None:
-        """What a run would refuse, asked before MONAI Label starts its process (InputError: 400)."""
-        self._options(request)
-        if (self.folder / TRAINED).is_dir() and not self._lock().is_free():
-            raise InputError(f"a training run of {self.engine.spec.name} is already going; wait for it to end "
-                             "(or stop it: DELETE /train/)")
+    def _check_data(self, options: Dict, datastore: Datastore) -> None:
         self._examples(datastore)
-
-    def _lock(self) -> "RunLock":
-        return RunLock(self.folder / TRAINED / LOCK_FILE)
 
     # ---- the run --------------------------------------------------------------------------------
     def _train(self, options: Dict, datastore: Datastore, stats: Dict) -> Dict:
@@ -157,7 +113,7 @@ class Sam3DTraining(TrainTask):
                         f"training Dice {history.dice[-1]:.4f}, lr {history.learning_rates[-1]:.2e}")
 
         history, optimizer = train_decoder(decoder, volumes, plans.patch_size, settings, on_epoch)
-        written = write_decoder_files(self.folder / TRAINED, nnunet_checkpoint(decoder, optimizer, history), plans_bytes)
+        written = write_decoder_files(self.folder, nnunet_checkpoint(decoder, optimizer, history), plans_bytes)
         stats.update(status="done", written=written.name, total_time=round(time.perf_counter() - started, 1),
                      end_ts=int(time.time()))
         self._write_stats(stats)
@@ -168,7 +124,7 @@ class Sam3DTraining(TrainTask):
                  stats: Dict) -> List[TrainingVolume]:
         """Every labelled image with its encoder features (from the cache, else computed into it) and
         its label on the network's grid; the cache's least recently used entries beyond its size go."""
-        store = FeatureStore(self.folder / FEATURE_CACHE, options["feature_cache_gb"] * 1e9)
+        store = FeatureStore(self.folder.parent / FEATURE_CACHE, options["feature_cache_gb"] * 1e9)
         encoder = encoder_identity(self.engine.encoder_checkpoint, model.image_encoder)
         rng = np.random.default_rng(options["seed"])
         volumes, folders, report = [], [], []
@@ -267,14 +223,7 @@ class Sam3DTraining(TrainTask):
     def _image_and_classes(self, image_id: str, image_path: str, label_path: str, names: Optional[list],
                            num_classes: int):
         """(the stored image, its label as the model's class ids (i, j, k) uint8)."""
-        image = self.engine.images.get(image_path)  # InputError for a 2D image
-        try:
-            label = load_image(label_path).array
-        except InputError as error:
-            raise InputError(f"the final label of {image_id}: {error}") from None
-        if label.shape != image.array.shape:
-            raise InputError(f"the final label of {image_id} has shape {tuple(label.shape)}, its image "
-                             f"{tuple(image.array.shape)}: save the label on the image's grid")
+        image, label = image_and_label(self.engine.images, image_id, image_path, label_path)
         values = np.rint(label).astype(np.int64) if np.issubdtype(label.dtype, np.floating) else label.astype(np.int64)
         if np.issubdtype(label.dtype, np.floating) and not np.array_equal(values, label):
             raise InputError(f"the final label of {image_id} holds non-integer values: save a label map")
@@ -315,53 +264,12 @@ class Sam3DTraining(TrainTask):
     # ---- settings and stats ----------------------------------------------------------------------------
     def _options(self, request: Dict) -> Dict:
         """The run's options: DEFAULTS overridden by the request's, checked."""
-        given = {**DEFAULTS, **{k: request[k] for k in DEFAULTS if request.get(k) not in (None, "")}}
-        options = {}
-        for name, low in (("max_epochs", 1), ("iterations_per_epoch", 1), ("batch_size", 0), ("seed", 0)):
-            number = as_integer(given[name])
-            if number is None or number < low:
-                raise InputError(f"`{name}` must be an integer >= {low}, got {short(given[name])}")
-            options[name] = number
-        for name, low in (("learning_rate", 0.0), ("feature_cache_gb", 0.0)):
-            try:
-                number = float(given[name])
-            except (TypeError, ValueError):
-                number = float("nan")
-            if not (np.isfinite(number) and number > low or name == "feature_cache_gb" and number == 0):
-                raise InputError(f"`{name}` must be a number > {low:g}, got {short(given[name])}")
-            options[name] = number
+        given = given_options(DEFAULTS, request)
         if given["start"] not in STARTS:
             raise InputError(f"`start` must be one of {', '.join(STARTS)}, got {short(given['start'])}")
-        options["start"] = given["start"]
-        options["mirror_depth"] = boolean(given, "mirror_depth")
-        device = str(given["device"] or self.engine.device)
-        if device.split(":")[0] not in ("cpu", "cuda") or device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"`device` must be cpu or cuda (on a machine with a CUDA device), got {short(device)}")
-        options["device"] = device
-        return options
-
-    def _write_stats(self, stats: Dict) -> None:
-        atomic_write(str(self.stats_path), data=json.dumps(stats, indent=1, default=str).encode())
-
-
-class RunLock:
-    """The lock a training run holds (an OS file lock: released when its process ends, however it ends)."""
-
-    def __init__(self, path: Path):
-        self._lock = FileLock(str(path))
-
-    def take(self) -> bool:
-        try:
-            self._lock.acquire(timeout=0)
-            return True
-        except Timeout:
-            return False
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def is_free(self) -> bool:
-        if not self.take():
-            return False
-        self.release()
-        return True
+        return {**{name: integer_option(given, name, low)
+                   for name, low in (("max_epochs", 1), ("iterations_per_epoch", 1), ("batch_size", 0), ("seed", 0))},
+                "learning_rate": number_option(given, "learning_rate"),
+                "feature_cache_gb": number_option(given, "feature_cache_gb", zero_ok=True),
+                "start": given["start"], "mirror_depth": boolean(given, "mirror_depth"),
+                "device": device_option(given, self.engine.device)}
