@@ -274,16 +274,22 @@ def _separate_axis(spacing, target) -> Optional[int]:
     return int(axes[0]) if axes is not None and len(axes) == 1 else None
 
 
-def _resample(volume: np.ndarray, shape: Tuple[int, ...], order: int, axis: Optional[int]) -> np.ndarray:
-    """resample_data_or_seg for data (float64 in and out): in-plane per slice then nearest along
-    `axis`, or the whole volume."""
+def resample_separately(volume: np.ndarray, shape: Tuple[int, ...], axis: Optional[int],
+                        resize: Callable[[np.ndarray, Tuple[int, ...]], np.ndarray]) -> np.ndarray:
+    """resample_data_or_seg's scheme around a resize(block, block_shape): the whole volume at once, or with a
+    separate `axis`, each slice across it resized in-plane, then nearest neighbour along it."""
     if axis is None:
-        return _skimage_resize(volume, shape, order)
+        return resize(volume, shape)
     in_plane = tuple(n for a, n in enumerate(shape) if a != axis)
-    slices = np.stack([_skimage_resize(s, in_plane, order) for s in np.moveaxis(volume, axis, 0)], axis=axis)
+    slices = np.stack([resize(s, in_plane) for s in np.moveaxis(volume, axis, 0)], axis=axis)
     if volume.shape[axis] == shape[axis]:
         return slices
     return np.take(slices, _nearest(volume.shape[axis], shape[axis]), axis=axis)
+
+
+def _resample(volume: np.ndarray, shape: Tuple[int, ...], order: int, axis: Optional[int]) -> np.ndarray:
+    """resample_data_or_seg for data (float64 in and out), skimage's resize of this order."""
+    return resample_separately(volume, shape, axis, lambda block, block_shape: _skimage_resize(block, block_shape, order))
 
 
 def _resample_mask(inside: np.ndarray, shape: Tuple[int, ...], axis: Optional[int]) -> np.ndarray:
@@ -295,13 +301,7 @@ def _resample_mask(inside: np.ndarray, shape: Tuple[int, ...], axis: Optional[in
         inside_reached = _skimage_resize(block.astype(np.float64), block_shape, 1) >= 0.5
         return inside_reached | ~outside_reached
 
-    if axis is None:
-        return labels(inside, shape)
-    in_plane = tuple(n for a, n in enumerate(shape) if a != axis)
-    slices = np.stack([labels(s, in_plane) for s in np.moveaxis(inside, axis, 0)], axis=axis)
-    if inside.shape[axis] == shape[axis]:
-        return slices
-    return np.take(slices, _nearest(inside.shape[axis], shape[axis]), axis=axis)
+    return resample_separately(inside, shape, axis, labels)
 
 
 def _skimage_resize(image: np.ndarray, shape: Tuple[int, ...], order: int) -> np.ndarray:

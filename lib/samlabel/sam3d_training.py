@@ -109,13 +109,7 @@ def labels_on_network_grid(label: np.ndarray, grid: VolumeGrid, plans: autoseg.P
     if seg.shape == shape:
         return seg.astype(np.uint8)
     axis = autoseg._separate_axis(np.array(grid.itk_spacing)[list(forward)], np.array(plans.target_spacing))
-    if axis is None:
-        return resize_segmentation(seg, shape)
-    in_plane = tuple(n for a, n in enumerate(shape) if a != axis)
-    slices = np.stack([resize_segmentation(s, in_plane) for s in np.moveaxis(seg, axis, 0)], axis=axis)
-    if seg.shape[axis] == shape[axis]:
-        return slices
-    return np.take(slices, autoseg._nearest(seg.shape[axis], shape[axis]), axis=axis)
+    return autoseg.resample_separately(seg, shape, axis, resize_segmentation)
 
 
 def pad_to(array: np.ndarray, padded_shape: Sequence[int], before: Sequence[int]) -> np.ndarray:
