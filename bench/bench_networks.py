@@ -29,8 +29,10 @@ OFFICIAL_ENCODERS = {
 }
 
 
-def median_seconds(fn, repeats):
-    fn()  # warm-up
+def median_seconds(fn, repeats, warm_up: bool = True):
+    """Median wall time of `repeats` calls of fn, after one untimed call unless warm_up is False."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -8,23 +8,13 @@ file order); plus gzip decompression alone, and with python-isal's igzip when it
 
 import argparse
 import gzip
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-
-def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_networks import median_seconds
 
 
 def main(argv=None) -> int:
@@ -60,7 +50,7 @@ def main(argv=None) -> int:
         print(f"{shape} int16, {len(raw) / 1e6:.0f} MB compressed; medians of {args.repeats}")
         print("| reader | seconds |\n|---|---|")
         for name, read in readers.items():
-            print(f"| {name} | {median_seconds(read, args.repeats):.2f} |", flush=True)
+            print(f"| {name} | {median_seconds(read, args.repeats, warm_up=False):.2f} |", flush=True)
     return 0
 
 

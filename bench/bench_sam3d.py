@@ -14,7 +14,6 @@ Measured in one run, seeded full-size weights (ViT-B at the Synapse patch's 176 
 """
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from samlabel import autoseg  # noqa: E402
 from samlabel.modeling.build_sam3d_seg import build_sam3d_seg  # noqa: E402
 from samlabel.seeded import nnunet_plans_info, seeded_state_dict  # noqa: E402
+from bench_networks import median_seconds  # noqa: E402
 
 PATCH = (64, 176, 176)
 SPACING = (3.0, 0.76, 0.76)  # Synapse's target spacing, (z, y, x)
-
-
-def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -56,10 +47,10 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
 
     slices = torch.randn(1, 1, 8, *PATCH[1:], device=args.device)
-    encode_s = median_seconds(lambda: model.encode(slices), args.repeats) / slices.shape[2]
+    encode_s = median_seconds(lambda: model.encode(slices), args.repeats, warm_up=False) / slices.shape[2]
     features = model.encode(torch.randn(1, 1, PATCH[0], *PATCH[1:], device=args.device))
     with torch.no_grad():
-        decode_s = median_seconds(lambda: model.decode(features), args.repeats)
+        decode_s = median_seconds(lambda: model.decode(features), args.repeats, warm_up=False)
     slice_bytes = features[0, :, 0].element_size() * features[0, :, 0].nelement()
     print(f"encoder: {encode_s:.3f} s per slice; decoder: {decode_s:.3f} s per {PATCH} window; "
           f"feature cache: {slice_bytes / 1024:.0f} KiB per slice and in-plane window (float32)")
