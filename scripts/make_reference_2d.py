@@ -55,6 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_source.py, beside this file
+from reference_source import commit_of  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)  # SAM's, as float32 buffers hold them
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
@@ -84,14 +87,6 @@ def designed_logits(seed: int, channels: int, size: int) -> torch.Tensor:
 def sha256(array) -> str:
     array = array.numpy() if isinstance(array, torch.Tensor) else array
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def commit_of(checkout: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 # ---- step 1: pre_CT_MR.py (runs in a child process, MedSAM checkout on sys.path) -----------------

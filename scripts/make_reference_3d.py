@@ -37,13 +37,15 @@ import argparse
 import copy
 import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_source.py, beside this file
+from reference_source import commit_of  # noqa: E402
 
 SIZE = 128
 SPACING = 1.5
@@ -244,11 +246,7 @@ def provenance(official: Path) -> dict:
     import torch
     import torchio
 
-    try:
-        commit = subprocess.run(["git", "-C", str(official), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
+    commit = commit_of(official)
     return {"official_commit": np.array(commit), "torchio": np.array(torchio.__version__),
             "simpleitk": np.array(SimpleITK.Version_VersionString()), "torch": np.array(torch.__version__),
             "numpy": np.array(np.__version__)}

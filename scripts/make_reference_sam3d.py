@@ -35,7 +35,6 @@ Everything runs in float32 on the CPU, one thread; reruns write the same values.
 
 import argparse
 import importlib
-import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -43,6 +42,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_source.py, beside this file
+from reference_source import commit_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_VIT = {"embed_dim": 64, "depth": 4, "num_heads": 4, "global_attn_indexes": (1, 3)}
@@ -88,14 +90,6 @@ def stand_ins(folder: Path) -> None:
         text = STAND_IN.format(module=module, assignments="\n".join(f"{name} = _absent" for name in names))
         folder.joinpath(*parts, "__init__.py").write_text(text)
     sys.path.append(str(folder))
-
-
-def commit_of(checkout: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 def seeded_input(seed: int, batch: int, modalities: int) -> torch.Tensor:

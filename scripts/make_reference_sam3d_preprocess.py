@@ -56,7 +56,6 @@ import copy
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -64,6 +63,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_source.py, beside this file
+from reference_source import commit_of  # noqa: E402
 
 CLASSES = 3  # of the synthetic softmax
 STEP_PATCHES = (8, 16, 34, 64, 160, 176, 192)  # patch lengths whose window starts are recorded
@@ -314,11 +316,7 @@ def provenance(official: Path) -> dict:
     import SimpleITK
     import skimage
 
-    try:
-        commit = subprocess.run(["git", "-C", str(official), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
+    commit = commit_of(official)
     version = getattr(batchgenerators, "__version__", None)
     if version is None:
         from importlib.metadata import version as package_version
