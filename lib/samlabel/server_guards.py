@@ -150,8 +150,9 @@ def run_train(model, params=None, run_sync=False, enqueue=False):
     if not isinstance(params, (dict, type(None))):
         raise HTTPException(status_code=400, detail="params must be a JSON object")
     instance = app_instance()
-    if model not in instance.info().get("trainers", {}):
-        raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {', '.join(instance.info().get('trainers', {}))}")
+    trainers = instance.info().get("trainers", {})  # info() gathers every task's info and stats: once
+    if model not in trainers:
+        raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {', '.join(trainers)}")
     if not enqueue and any(task.get("status") in ("SUBMITTED", "RUNNING") for task in async_tasks("train")):
         # MONAI Label only sees a run once its process has started: one submitted just before would be queued
         raise HTTPException(status_code=409, detail="a training run is already going; wait for it to end (or stop it: DELETE /train/)")
