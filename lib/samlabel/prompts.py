@@ -37,8 +37,8 @@ class PointPrompt:
         """(logits (B, 1, ...), IoU (B,)) for a batch of B point sets."""
         mask = None
         if previous is not None and self.mask_feedback is not None:
+            # one previous mask (batch 1) serves every prompt set: the decoder encodes it once
             mask = previous if self.mask_feedback == "logits" else 1 / (1 + np.exp(-previous))
-            mask = np.repeat(mask, len(prompts["points"]), axis=0) if len(mask) == 1 else mask
         logits, iou = predictor.predict(prompts["points"], prompts["labels"], mask_input=mask,
                                         multimask_output=self.best_of_three)
         return best_of(logits, iou)

@@ -28,6 +28,9 @@ class Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        # A batch of prompt sets may share one image (batch 1): its side is projected once, then broadcast.
+        batch = max(len(q), len(k), len(v))
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
         out = attention(q, k, v, scale=q.shape[-1] ** -0.5)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
@@ -74,7 +77,8 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
-        """image_embedding, image_pe: (B, C, *grid); point_embedding: (B, N, C)."""
+        """image_embedding, image_pe: (B or 1, C, *grid); point_embedding: (B, N, C). An image of
+        batch 1 serves every prompt set: the first layer's image-side projections run once."""
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
