@@ -169,8 +169,9 @@ def logits_to_image(logits: np.ndarray, window: Window, image_shape: Tuple[int, 
                     image_affine: np.ndarray, positive_only: bool = False) -> Tuple[np.ndarray, Tuple[slice, ...]]:
     """Low-res logits (…, L, L, L) of the window, trilinearly sampled at each image voxel the
     window covers: the official trilinear upsampling to the window (align_corners=False, which
-    clamps at the border cells), read at that voxel. Returns (logits on the covered block of
-    the image, the block's slices); voxels of the block outside the window are -inf.
+    clamps at the border cells), read at that voxel. Returns (logits on the block of image voxels
+    inside the window, the block's slices); the window's axes are the image's own, so the voxels
+    inside it form one block.
 
     positive_only: cover only the part of the window where a logit can be > 0 (within one cell
     of a positive cell: trilinear interpolation of non-positive values is never positive)."""
@@ -185,24 +186,22 @@ def logits_to_image(logits: np.ndarray, window: Window, image_shape: Tuple[int, 
         region = np.clip([centre(positive.min(0).values) - 1 / cells, centre(positive.max(0).values) + 1 / cells],
                          -0.5, window.size - 0.5)
     axes, scale, offset = _axis_map(window, image_affine)
-    block, cell_positions, inside = [slice(0, 0)] * 3, [None] * 3, [None] * 3
+    block, matrices = [slice(0, 0)] * 3, [None] * 3
     for r, a in enumerate(axes):
         ends = offset[r] + scale[r] * region[:, r]  # the region's extent in image indices
         first = max(0, int(np.ceil(min(ends) - 1e-9)))
         last = min(image_shape[a] - 1, int(np.floor(max(ends) + 1e-9)))
-        block[a] = slice(first, max(first, last + 1))
         u = (np.arange(first, last + 1, dtype=np.float64) - offset[r]) / scale[r]  # window coordinates
-        inside[r] = (u >= -0.5 - 1e-9) & (u <= window.size - 0.5 + 1e-9)
-        cell_positions[r] = (u + 0.5) * cells - 0.5
-    if any(p.size == 0 for p in cell_positions):
-        return np.zeros(0), tuple(block)
-    values = low_res
-    for r in range(3):
-        values = _interpolate_axis(values, r, cell_positions[r], border=True)
-    inside_all = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
-    values = np.where(inside_all, values.numpy(), -np.inf)
-    order = np.argsort(axes)  # window axis order -> image axis order
-    return values.transpose(order), tuple(block)
+        inside = np.flatnonzero((u >= -0.5 - 1e-9) & (u <= window.size - 0.5 + 1e-9))  # one run: u is monotone
+        if inside.size == 0:
+            return np.zeros(0), (slice(0, 0),) * 3
+        block[a] = slice(first + int(inside[0]), first + int(inside[-1]) + 1)
+        matrices[r] = _interpolation_matrix(low_res.shape[r], (u[inside[0]:inside[-1] + 1] + 0.5) * cells - 0.5,
+                                            border=True)
+    # Three matrix products, the largest last, over contiguous memory: L^3 -> L^2 n2 -> L n1 n2 -> n0 n1 n2.
+    values = matrices[1] @ (low_res @ matrices[2].T)
+    values = (matrices[0] @ values.reshape(values.shape[0], -1)).reshape(len(matrices[0]), *values.shape[1:])
+    return values.permute(*np.argsort(axes)).numpy(), tuple(block)  # window axis order -> image axis order
 
 
 def _axis_map(window: Window, image_affine: np.ndarray):
@@ -226,23 +225,34 @@ def _interpolate_axis(values: torch.Tensor, dim: int, positions: np.ndarray, bor
     Short axes (the 32 low-res cells) go through a matrix product with the interpolation
     matrix; long ones (image blocks) through gathers of the two neighbours."""
     n = values.shape[dim]
+    if n <= 64:
+        matrix = _interpolation_matrix(n, positions, border, valid, values.dtype)
+        return (values.movedim(dim, -1) @ matrix.T).movedim(-1, dim)
+    neighbours = _neighbours(n, positions, border, valid)
+    shape = [1, 1, 1]
+    shape[dim] = -1
+    return sum(values.index_select(dim, torch.from_numpy(index)) * torch.from_numpy(weight).to(values.dtype).reshape(shape)
+               for index, weight in neighbours)
+
+
+def _neighbours(n: int, positions: np.ndarray, border: bool, valid: Optional[np.ndarray] = None):
+    """Linear interpolation at `positions` along an axis of n samples, as _interpolate_axis
+    defines it: [(lower indices, their weights), (upper indices, their weights)]."""
     x = np.clip(positions, 0, n - 1) if border else positions
     lower = np.floor(x).astype(np.int64)
     keep = np.ones(len(positions), bool) if valid is None else np.asarray(valid, bool)
-    neighbours = []
-    for index, weight in ((lower, 1 - (x - lower)), (lower + 1, x - lower)):
-        ok = (index >= 0) & (index < n) & keep
-        neighbours.append((torch.from_numpy(np.clip(index, 0, n - 1)),
-                           torch.from_numpy(np.where(ok, weight, 0.0)).to(values.dtype)))
-    moved = values.movedim(dim, -1)
-    if n <= 64:
-        matrix = torch.zeros(len(positions), n, dtype=values.dtype)
-        for index, weight in neighbours:
-            matrix.index_put_((torch.arange(len(positions)), index), weight, accumulate=True)
-        return (moved @ matrix.T).movedim(-1, dim)
-    shape = [1, 1, 1]
-    shape[dim] = -1
-    return sum(values.index_select(dim, index) * weight.reshape(shape) for index, weight in neighbours)
+    return [(np.clip(index, 0, n - 1), np.where((index >= 0) & (index < n) & keep, weight, 0.0))
+            for index, weight in ((lower, 1 - (x - lower)), (lower + 1, x - lower))]
+
+
+def _interpolation_matrix(n: int, positions: np.ndarray, border: bool, valid: Optional[np.ndarray] = None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(len(positions), n): row i holds the weights of the linear interpolation at positions[i]."""
+    matrix = torch.zeros(len(positions), n, dtype=dtype)
+    for index, weight in _neighbours(n, positions, border, valid):
+        matrix.index_put_((torch.arange(len(positions)), torch.from_numpy(index)), torch.from_numpy(weight).to(dtype),
+                          accumulate=True)
+    return matrix
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class MaskOnImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[self.output_key] = d[self.geometry_key].mask(d[key])
-            d.setdefault("result", {})["voxels"] = int(d[self.output_key].sum())
+            d.setdefault("result", {})["voxels"] = int(np.count_nonzero(d[self.output_key]))
         return d
 
 
