@@ -2,13 +2,14 @@
 and pynrrd read them, compressed and raw."""
 
 import gzip
+import zlib
 
 import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samlabel.nrrd_io import gzip_parallel, write_nrrd
+from samlabel.nrrd_io import crc32_combine, gzip_parallel, write_nrrd
 
 OBLIQUE_LPS_STORED = np.array([  # voxel -> RAS: anisotropic, oblique, x and y flipped
     [-0.78, 0.12, 0.30, 41.5],
@@ -39,6 +40,24 @@ def test_parallel_gzip_is_one_ordinary_gzip_stream():
     stream = gzip_parallel(memoryview(data), chunk_bytes=65_536)  # 16 chunks
     assert gzip.decompress(stream) == data.tobytes()
     assert stream[:2] == b"\x1f\x8b" and stream.count(b"\x1f\x8b\x08") >= 1
+
+
+def test_zero_chunks_are_reused_and_the_stream_stays_valid():
+    """A click's mask: zeros but for a block; zero chunks of both lengths (whole and the last, shorter)
+    take cached bytes, and the CRC is combined from the chunks'."""
+    data = np.zeros(1_000_003, dtype=np.uint8)
+    data[300_000:420_000] = np.random.default_rng(2).integers(0, 2, 120_000)
+    stream = gzip_parallel(memoryview(data), chunk_bytes=65_536)
+    assert gzip.decompress(stream) == data.tobytes()
+    assert gzip.decompress(gzip_parallel(memoryview(np.zeros(5, np.uint8)))) == bytes(5)
+    assert gzip.decompress(gzip_parallel(memoryview(np.zeros(0, np.uint8)))) == b""
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (0, 7), (7, 0), (1, 1), (3000, 65_536), (65_537, 11)])
+def test_crc32_combine_is_the_crc_of_the_concatenation(lengths):
+    rng = np.random.default_rng(sum(lengths))
+    a, b = (rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 def test_rejects_what_it_cannot_write(tmp_path):

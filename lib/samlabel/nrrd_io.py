@@ -5,6 +5,7 @@ parallel over chunks (pigz's method: each chunk is raw deflate ending on a full 
 chunks concatenate into one ordinary gzip stream that every NRRD reader understands).
 """
 
+import functools
 import os
 import struct
 import zlib
@@ -43,14 +44,65 @@ def write_nrrd(path: str, array: np.ndarray, affine_ras: np.ndarray, compress: b
 
 
 def gzip_parallel(data: memoryview, chunk_bytes: int = 8 << 20) -> bytes:
-    """One gzip member (level 1) of `data`, deflated in parallel chunks."""
+    """One gzip member (level 1) of `data`, deflated in parallel chunks, each with its CRC-32.
+
+    A click's mask is zero outside the model's window: an all-zero chunk is not deflated again
+    but takes the bytes and CRC of the first zero chunk of its length (each chunk is deflated
+    on its own, so equal chunks give equal bytes)."""
 
     def deflate(start):
+        chunk = data[start:start + chunk_bytes]
+        if not np.frombuffer(chunk, np.uint8).any():
+            return _zero_chunk(len(chunk))
         compressor = zlib.compressobj(1, zlib.DEFLATED, -15)  # raw deflate
-        return compressor.compress(data[start:start + chunk_bytes]) + compressor.flush(zlib.Z_FULL_FLUSH)
+        return compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH), zlib.crc32(chunk), len(chunk)
 
     parts = list(_pool.map(deflate, range(0, len(data), chunk_bytes)))
+    crc = 0
+    for _, chunk_crc, length in parts:
+        crc = crc32_combine(crc, chunk_crc, length)
     final_block = zlib.compressobj(1, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)
     header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # gzip, deflate, no name, no time, unknown OS
-    trailer = struct.pack("<II", zlib.crc32(data) & 0xFFFFFFFF, len(data) & 0xFFFFFFFF)
-    return b"".join([header, *parts, final_block, trailer])
+    trailer = struct.pack("<II", crc, len(data) & 0xFFFFFFFF)
+    return b"".join([header, *(deflated for deflated, _, _ in parts), final_block, trailer])
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_chunk(length: int):
+    """(raw deflate ending on a full flush, CRC-32, length) of `length` zero bytes."""
+    zeros = bytes(length)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH), zlib.crc32(zeros), length
+
+
+# CRC-32 of a concatenation from the parts' CRCs. CRC-32 is a remainder of polynomials over GF(2):
+# crc(A + B) = crc(A) * x^(8 len(B)) + crc(B) mod P. Polynomials are held bit-reflected, as zlib's
+# CRC is: bit 31 is x^0, and multiplying by x is a right shift (reduced by P when a bit falls off).
+_CRC32_POLY = 0xEDB88320
+_X0 = 1 << 31
+
+
+def _multiply_mod_p(a: int, b: int) -> int:
+    product = 0
+    for bit in range(32):
+        if a & (_X0 >> bit):
+            product ^= b
+        b = (b >> 1) ^ _CRC32_POLY if b & 1 else b >> 1
+    return product
+
+
+@functools.lru_cache(maxsize=16)
+def _x_to_8n(n: int) -> int:
+    """x^(8 n) mod P, by squaring."""
+    result, square, exponent = _X0, _X0 >> 1, 8 * n  # square starts at x^1
+    while exponent:
+        if exponent & 1:
+            result = _multiply_mod_p(result, square)
+        square = _multiply_mod_p(square, square)
+        exponent >>= 1
+    return result
+
+
+def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """zlib.crc32(A + B) from zlib.crc32(A), zlib.crc32(B) and len(B)."""
+    return _multiply_mod_p(_x_to_8n(length_b), crc_a) ^ crc_b
