@@ -3,6 +3,7 @@ sampling, and the encoder running once."""
 
 import numpy as np
 import pytest
+import torch
 
 from samlabel.prompts import PointPrompt
 from samlabel.transforms import EnsembleStatisticsd, UncertaintyBandsd
@@ -92,3 +93,39 @@ def test_ensemble_of_identical_members_has_zero_std(volume_path):  # noqa: F811
     engine = segmenter(ensemble=EnsembleConfig(positives=0, negatives=0))
     result = engine.segment(volume_path, request([[150, 130, 20]], ensemble_size=5))
     assert result.uncertainty.max() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_batch_of_members_decodes_as_each_member_alone(volume_path):  # noqa: F811
+    """The members share the image embedding and the previous mask: the decoder computes what
+    depends only on them once for the batch. Each member's logits are still its own."""
+    engine = segmenter()
+    engine.segment(volume_path, request([[150, 130, 20]]))
+    predictor = engine.predictor()
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 127, (5, 4, 3)).astype(np.float32)
+    labels = np.array([[1, 1, 0, 1]] * 5)
+    previous = rng.normal(0, 3, (1, 1, 32, 32, 32)).astype(np.float32)
+    batch, iou = predictor.predict(points, labels, previous)
+    for m in range(5):
+        alone, alone_iou = predictor.predict(points[m:m + 1], labels[m:m + 1], previous)
+        np.testing.assert_allclose(batch[m], alone[0], atol=1e-4)
+        np.testing.assert_allclose(iou[m], alone_iou[0], atol=1e-5)
+    assert not np.allclose(batch[0], batch[1], atol=1e-2)  # the members differ
+
+
+def test_bfloat16_members_agree_with_float32_and_leave_the_first_decode_alone(volume_path):  # noqa: F811
+    click = [[150, 130, 20]]
+    results = {}
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+        engine = segmenter(ensemble_dtype=dtype)
+        plain = engine.segment(volume_path, request(click, client="plain"))
+        ensembled = engine.segment(volume_path, request(click, client="ensembled", ensemble_size=16))
+        assert engine.predictor().dtype == torch.float32  # restored after the members
+        results[name] = plain, ensembled
+    (plain32, ensemble32), (plain16, ensemble16) = results["float32"], results["bfloat16"]
+    assert np.array_equal(plain32.mask, plain16.mask)  # a normal click never runs in the members' dtype
+    assert not np.array_equal(ensemble32.uncertainty, ensemble16.uncertainty)  # the members did run in bfloat16
+    peak = float(ensemble32.uncertainty.max())
+    assert np.abs(ensemble32.uncertainty - ensemble16.uncertainty).max() <= 0.1 * peak
+    dice = 2 * (ensemble32.mask & ensemble16.mask).sum() / (ensemble32.mask.sum() + ensemble16.mask.sum())
+    assert dice >= 0.97, dice

@@ -78,7 +78,7 @@ class FastSAM3DApp(MONAILabelApp):
             infers.update(config.infer())
             config.preload()
         logger.info(f"FastSAM3D app: serving {list(infers) or 'no models'} on {self.settings.device} "
-                    f"({self.settings.dtype}, threads: {os.cpu_count()})")
+                    f"({self.settings.dtype}, threads: {torch.get_num_threads()})")
         threading.Thread(target=warm_up_writer, daemon=True).start()
         return infers
 

@@ -2,6 +2,8 @@
 come back to the host as float32 numpy arrays. Reduced precision is autocast (the weights stay
 float32), so norms and softmax keep float32 where autocast says so."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -14,6 +16,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def autocast(device: torch.device, dtype: torch.dtype):
     """Autocast to dtype on the model's device; off for float32."""
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@contextmanager
+def compute_dtype(predictor, dtype: torch.dtype):
+    """The predictor's autocast precision for the calls made within (its owner holds the model
+    lock, so no other call sees it)."""
+    saved, predictor.dtype = predictor.dtype, dtype
+    try:
+        yield
+    finally:
+        predictor.dtype = saved
 
 
 def to_host(*tensors: torch.Tensor) -> tuple:

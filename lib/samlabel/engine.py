@@ -27,6 +27,7 @@ import torch
 
 from .cache import LRUCache
 from .checkpoint import load_model
+from .device import compute_dtype
 from .images import ImageCache, StoredImage
 from .registry import ModelSpec
 from .request import Click, ClickRequest
@@ -65,10 +66,13 @@ class ClickEngine:
 
     def __init__(self, spec: ModelSpec, checkpoint=None, images: Optional[ImageCache] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, predictor=None, embeddings: int = 32, interactions: int = 256,
-                 clients: int = 1024, ensemble: EnsembleConfig = EnsembleConfig(), weights: str = "latest"):
+                 clients: int = 1024, ensemble: EnsembleConfig = EnsembleConfig(), weights: str = "latest",
+                 ensemble_dtype: Optional[torch.dtype] = None):
         """predictor: a ready predictor (tests, benchmarks); else the weights (weights_file()) are
-        loaded on first use, and again when that file changes."""
+        loaded on first use, and again when that file changes. ensemble_dtype: the self-ensemble
+        members' precision (None: dtype)."""
         self.spec, self.device, self.dtype = spec, device, dtype
+        self.ensemble_dtype = ensemble_dtype or dtype
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.weights = weights
         self._loaded: Tuple = ()  # (weights file, its mtime) of the predictor held; () for a given one
@@ -164,7 +168,8 @@ class ClickEngine:
         if ensemble_size:
             config = replace(self.ensemble, size=ensemble_size)
             members = self.spec.prompt.members(prompts, logits, config, self.spec.input_size[0])
-            logits, _ = self.spec.prompt.decode(predictor, members, previous_logits)
+            with compute_dtype(predictor, self.ensemble_dtype):
+                logits, _ = self.spec.prompt.decode(predictor, members, previous_logits)
         return logits, iou
 
 

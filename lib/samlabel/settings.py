@@ -20,6 +20,7 @@ OUR_KEYS = {
     "models": 'comma-separated model names, or "all" (default: every model whose checkpoint is present)',
     "device": "cpu or cuda (default: cuda when available)",
     "dtype": "float32, bfloat16 or float16: the models' compute precision (default float32)",
+    "ensemble_dtype": "float32, bfloat16 or float16: the self-ensemble members' precision (default: dtype)",
     "image_cache_mb": "memory for loaded images in MB (default 2048)",
     "propagation_seconds": "time bound of the 2D models' 3D propagation tasks (default 60)",
     "<model>_checkpoint": "a checkpoint path instead of model/<official file name>",
@@ -41,6 +42,7 @@ class AppSettings:
     explicit: bool  # models named by --conf models: registered even without their checkpoint
     device: str
     dtype: torch.dtype
+    ensemble_dtype: torch.dtype
     image_cache_bytes: float
     propagation_seconds: float
     upload_mb: float
@@ -77,8 +79,10 @@ class AppSettings:
             problems.append(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
 
         dtype_name = str(conf.get("dtype", "float32"))
-        if dtype_name not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        ensemble_dtype_name = str(conf.get("ensemble_dtype", dtype_name))
+        for key, name in (("dtype", dtype_name), ("ensemble_dtype", ensemble_dtype_name)):
+            if name not in DTYPES:
+                problems.append(f"{key} must be one of {', '.join(DTYPES)}, got {name!r}")
         image_cache_mb = _number(conf, "image_cache_mb", 2048, 1, math.inf, problems)
         seconds = _number(conf, "propagation_seconds", 60, 0, MAX_PROPAGATION_SECONDS, problems)
         upload_mb = _number(conf, "upload_mb", 2048, 0.001, math.inf, problems)
@@ -86,7 +90,7 @@ class AppSettings:
             known = "; ".join(f"{k}: {v}" for k, v in OUR_KEYS.items())
             raise ConfError("invalid --conf: " + "; ".join(problems) + f". Known keys: {known}")
         return cls(models=tuple(requested if explicit else models), explicit=explicit, device=device,
-                   dtype=DTYPES[dtype_name], image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds,
+                   dtype=DTYPES[dtype_name], ensemble_dtype=DTYPES[ensemble_dtype_name], image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds,
                    upload_mb=upload_mb)
 
 

@@ -30,7 +30,8 @@ class SamTaskConfig(TaskConfig):
         self.missing = "" if self.path.is_file() else (
             f"checkpoint not found: put {self.spec.checkpoint_file} at {self.path} (download: {self.spec.source})")
         self.engine = self.spec.engine(self.spec, self.path, kwargs["images"], device=self.settings.device,
-                                       dtype=self.settings.dtype, weights=conf.get(f"{name}_weights", "latest"))
+                                       dtype=self.settings.dtype, ensemble_dtype=self.settings.ensemble_dtype,
+                                       weights=conf.get(f"{name}_weights", "latest"))
 
     def infer(self) -> Dict[str, InferTask]:
         name, tasks = self.name, {}
