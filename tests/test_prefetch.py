@@ -87,3 +87,39 @@ def test_a_failed_prefetch_leaves_the_worker_serving(tmp_path, failure):
     prefetcher.open("broken", fail)
     prefetcher.open("after", lambda: path)
     assert recorder.done.acquire(timeout=60) and recorder.order == [path]
+
+
+def test_warm_ups_follow_the_read_and_wait_for_inferences(tmp_path):
+    """Order of completion: a warm-up runs after its image's read, and not while an inference runs."""
+    path = write_volume(tmp_path / "warm.nii.gz", 4)
+    recorder = Recorder(ImageCache())
+    warmed = threading.Semaphore(0)
+
+    def warm_up(opened):
+        recorder.order.append(f"warm-up {opened}")
+        warmed.release()
+        return "encoded"
+
+    prefetcher = Prefetcher(recorder, [warm_up])
+    inference = prefetcher.inference()
+    inference.__enter__()
+    prefetcher.open("warm", lambda: path)
+    assert not recorder.done.acquire(timeout=0.5)
+    inference.__exit__(None, None, None)
+    assert recorder.done.acquire(timeout=60)
+    assert warmed.acquire(timeout=60)
+    assert recorder.order == [path, f"warm-up {path}"]
+
+
+def test_a_failed_warm_up_leaves_the_worker_serving(tmp_path):
+    paths = [write_volume(tmp_path / f"w{n}.nii.gz", n) for n in (5, 6)]
+    recorder = Recorder(ImageCache())
+
+    def broken(opened):
+        raise RuntimeError("out of memory")
+
+    prefetcher = Prefetcher(recorder, [broken])
+    prefetcher.open("w5", lambda: paths[0])
+    prefetcher.open("w6", lambda: paths[1])
+    assert recorder.done.acquire(timeout=60) and recorder.done.acquire(timeout=60)
+    assert recorder.order == paths

@@ -226,3 +226,17 @@ def test_propagation_is_bounded_in_time(tmp_path):
     result = propagate(engine, str(tmp_path / "ellipsoid.nii.gz"), request([(20, 20, 20), (44, 36, 20)]), seconds=0)
     assert result.info["stopped"] == "time limit of 0 s"
     assert result.mask[:, :, 20].any() and not np.delete(result.mask, 20, axis=2).any()
+
+
+def test_opening_an_image_encodes_its_middle_slice_only_where_that_is_cheap(volume, tmp_path):
+    engine = stub_segmenter("sam_med2d")
+    assert engine.prefetch_slice(volume) is None  # no encoding measured yet on the CPU: not known to be cheap
+    engine.segment(volume, request([(30, 40, 1)]))  # measures one (the stub encoder: instant)
+    assert engine.prefetch_slice(volume) == f"sam_med2d slice {SLICES // 2} encoded" and engine.encoder_runs == 2
+    first = engine.segment(volume, request([(30, 40, SLICES // 2)], client="opened"))
+    assert first.info["embedding_reused"] and engine.encoder_runs == 2  # the first click there finds it encoded
+    assert engine.prefetch_slice(volume) is None  # already encoded: nothing to do
+    engine.encode_seconds = 8.0  # MedSAM's 1024^2 encoder on a CPU: a click arriving meanwhile would wait
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((COLUMNS, ROWS, SLICES), np.int16), np.eye(4)), str(other))
+    assert engine.prefetch_slice(str(other)) is None and engine.encoder_runs == 2

@@ -30,6 +30,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 import samlabel
 from samlabel.configs import config_families
 from samlabel.datastore import hardened_datastore
+from samlabel.engine2d import SliceSegmenter
 from samlabel.dicom import as_dicom_seg_store
 from samlabel.errors import InputError
 from samlabel.images import ImageCache
@@ -64,7 +65,9 @@ class FastSAM3DApp(MONAILabelApp):
             description += ". Missing checkpoints: " + "; ".join(f"{n}: {m}" for n, m in missing.items())
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="FastSAM3D",
                          description=description, version=samlabel.__version__)
-        self.prefetcher = Prefetcher(images.get)  # images read when opened (samlabel.server_routes)
+        # images read when opened (samlabel.server_routes), and the 2D models' likely slice encoded where cheap
+        self.prefetcher = Prefetcher(images.get, [config.engine.prefetch_slice for config in self.configs.values()
+                                                  if isinstance(config.engine, SliceSegmenter) and not config.missing])
         install_guards(self.settings.upload_mb)  # checked uploads, ids, tags and body sizes
         install_routes()  # blocking routes in worker threads, clients told apart, DICOMweb proxy keeps queries
 

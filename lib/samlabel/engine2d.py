@@ -99,12 +99,32 @@ class SliceGeometry:
         return volume
 
 
+PREFETCH_ENCODE_SECONDS = 0.5  # a slice encoding started on open delays a click arriving meanwhile by at most this
+
+
 class SliceSegmenter(ClickEngine):
     dimension = 2
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.intensity_windows = LRUCache(256)  # image key -> its 0-255 window
+        self.encode_seconds: Optional[float] = None  # the latest slice encoding's duration
+
+    def prefetch_slice(self, image_path: str) -> Optional[str]:
+        """On opening an image: encode its middle slice, the likely first one, where that is cheap
+        (on CUDA, or where the latest encoding took at most PREFETCH_ENCODE_SECONDS; MedSAM's 1024^2
+        encoder on a CPU is not). Returns what it did, or None."""
+        cheap = self.device.startswith("cuda") or (self.encode_seconds is not None and
+                                                   self.encode_seconds <= PREFETCH_ENCODE_SECONDS)
+        if not cheap:
+            return None
+        image = self.images.get(image_path)
+        middle = image.array.shape[2] // 2
+        predictor = self.predictor()
+        with self._model_lock:
+            runs = self.encoder_runs
+            self._embedding(predictor, image, middle)
+        return f"{self.spec.name} slice {middle} encoded" if self.encoder_runs > runs else None
 
     def make_predictor(self, model) -> SamPredictor2D:
         return SamPredictor2D(model, self.spec.preprocess, self.dtype)
@@ -214,7 +234,9 @@ class SliceSegmenter(ClickEngine):
             if window is None:
                 window = intensity_window(image.array)
                 self.intensity_windows.put(image.key, window)
+            started = time.perf_counter()
             embedding = predictor.set_image(to_uint8_range(image.array[:, :, slice_index].T, window))
+            self.encode_seconds = time.perf_counter() - started
             self.encoder_runs += 1
             self.embeddings.put(key, embedding)
         return embedding

@@ -7,9 +7,13 @@ OHIF's first request for a series through the DICOMweb proxy, and the active-lea
 sample". One background thread then reads it into the app's image cache (samlabel.images), which
 the first click finds loaded.
 
-A prefetch never competes with a click: the worker starts an image only while no inference is
-running (the infer route holds `inference()` around each one). Pending images are bounded (the
-oldest are dropped) and the cache that holds the results is bounded in bytes.
+Then the warm-ups run on the image read: further work a first click would otherwise do, such as
+a 2D model encoding the likely slice (engine2d.SliceSegmenter.prefetch_slice, which runs only where
+that is cheap).
+
+A prefetch never competes with a click: the worker starts an image, and each warm-up, only while
+no inference is running (the infer route holds `inference()` around each one). Pending images are
+bounded (the oldest are dropped) and the caches that hold the results are bounded.
 """
 
 import logging
@@ -17,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +30,12 @@ REMEMBERED = 256  # images read lately: opened again (OHIF asks a series' frames
 
 
 class Prefetcher:
-    def __init__(self, read: Callable[[str], object], max_pending: int = MAX_PENDING):
-        """read(path): loads the image at path into the cache the engines read from."""
+    def __init__(self, read: Callable[[str], object], warm_ups: Sequence[Callable[[str], Optional[str]]] = (),
+                 max_pending: int = MAX_PENDING):
+        """read(path): loads the image at path into the cache the engines read from; warm_ups:
+        warm_up(path) -> what it did (for the log) or None (nothing), after the read."""
         self._read = read
+        self._warm_ups = tuple(warm_ups)
         self._max_pending = max_pending
         self._pending: "OrderedDict[Hashable, Callable[[], str]]" = OrderedDict()
         self._read_lately: "OrderedDict[Hashable, None]" = OrderedDict()
@@ -77,3 +84,13 @@ class Prefetcher:
                 self._read_lately[key] = None
                 while len(self._read_lately) > REMEMBERED:
                     self._read_lately.popitem(last=False)
+            for warm_up in self._warm_ups:
+                with self._changed:
+                    self._changed.wait_for(lambda: not self._inferences)
+                try:
+                    done = warm_up(path)
+                except Exception as error:  # noqa: BLE001 - as a failed read: the click does the work
+                    logger.info(f"prefetch: {key}: warm-up failed: {type(error).__name__}: {error}")
+                    continue
+                if done:
+                    logger.info(f"prefetch: {key}: {done}")
