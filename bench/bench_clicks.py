@@ -115,55 +115,59 @@ def uncached_request(path: Path, model_name: str, checkpoint: Path, repeats: int
     return statistics.median(times)
 
 
+def measure(work: Path, models, repeats: int, app: Path = APP) -> dict:
+    """Per model: first, after_opening, next (median of 5), far (s, HTTP) and uncached (s, median of repeats)."""
+    studies = work / "studies"
+    studies.mkdir()
+    for name in models:
+        make_ct(studies / f"ct_{name}.nii.gz")
+        make_ct(studies / f"ct_{name}_opened.nii.gz")
+    conf = {"models": ",".join(models)}
+    for name in models:
+        spec = get_spec(name)
+        path = work / spec.checkpoint_file
+        save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), 0), path)
+        conf[f"{name}_checkpoint"] = path
+    proc, url = start_server(studies, conf, work, app)
+    rows = {}
+    try:
+        for name in models:
+            image, centre = f"ct_{name}", [200, 230, 150]
+            first = click(url, name, image, [centre], [], "user")
+            nexts, foreground, background = [], [centre], []
+            for step in range(5):  # alternate positive and negative refinements near the first click
+                point = [centre[0] + 3 * (step + 1), centre[1] - 2 * step, centre[2] + step]
+                (foreground if step % 2 == 0 else background).append(point)
+                nexts.append(click(url, name, image, foreground, background, "user"))
+            far = click(url, name, image, [[centre[0] + 200, centre[1], centre[2]]], [], "user")
+            opened = f"{image}_opened"
+            assert requests.get(f"{url}/datastore/image", params={"image": opened}, timeout=600).status_code == 200
+            wait_for_line(work / "server.log", f"prefetched {opened}")
+            after_opening = click(url, name, opened, [centre], [], "user")
+            rows[name] = {"first": first, "after_opening": after_opening, "next": statistics.median(nexts), "far": far}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    for name in models:
+        rows[name]["uncached"] = uncached_request(studies / f"ct_{name}.nii.gz", name, conf[f"{name}_checkpoint"], repeats)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="fastsam3d,sam_med3d")
     args = parser.parse_args()
-    models = args.models.split(",")
     torch.set_num_threads(min(2, os.cpu_count()))
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        studies = work / "studies"
-        studies.mkdir()
-        for name in models:
-            make_ct(studies / f"ct_{name}.nii.gz")
-            make_ct(studies / f"ct_{name}_opened.nii.gz")
-        conf = {"models": ",".join(models)}
-        for name in models:
-            spec = get_spec(name)
-            path = work / spec.checkpoint_file
-            save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), 0), path)
-            conf[f"{name}_checkpoint"] = path
-        proc, url = start_server(studies, conf, work)
-        rows = []
-        try:
-            for name in models:
-                image, centre = f"ct_{name}", [200, 230, 150]
-                first = click(url, name, image, [centre], [], "user")
-                nexts, foreground, background = [], [centre], []
-                for step in range(5):  # alternate positive and negative refinements near the first click
-                    point = [centre[0] + 3 * (step + 1), centre[1] - 2 * step, centre[2] + step]
-                    (foreground if step % 2 == 0 else background).append(point)
-                    nexts.append(click(url, name, image, foreground, background, "user"))
-                far = click(url, name, image, [[centre[0] + 200, centre[1], centre[2]]], [], "user")
-                opened = f"{image}_opened"
-                assert requests.get(f"{url}/datastore/image", params={"image": opened}, timeout=600).status_code == 200
-                wait_for_line(work / "server.log", f"prefetched {opened}")
-                after_opening = click(url, name, opened, [centre], [], "user")
-                rows.append((name, first, after_opening, statistics.median(nexts), far))
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        uncached = {name: uncached_request(studies / f"ct_{name}.nii.gz", name, conf[f"{name}_checkpoint"], args.repeats)
-                    for name in models}
+        rows = measure(Path(tmp), args.models.split(","), args.repeats)
     print(f"{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} int16 CT, torch threads {torch.get_num_threads()}, HTTP round trips")
     print("| model | first click (s) | first click after opening (s) | next 5 clicks, median (s) | far click (s) "
           "| uncached request, median (s) | next / uncached |")
     print("|---|---|---|---|---|---|---|")
-    for name, first, after_opening, next_median, far in rows:
-        print(f"| {name} | {first:.2f} | {after_opening:.2f} | {next_median:.3f} | {far:.2f} | {uncached[name]:.2f} "
-              f"| 1/{uncached[name] / next_median:.0f} |")
+    for name, row in rows.items():
+        print(f"| {name} | {row['first']:.2f} | {row['after_opening']:.2f} | {row['next']:.3f} | {row['far']:.2f} "
+              f"| {row['uncached']:.2f} | 1/{row['uncached'] / row['next']:.0f} |")
 
 
 if __name__ == "__main__":

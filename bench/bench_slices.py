@@ -5,8 +5,9 @@ next to the official code's per-slice time in the same run.
         [--official-segment-anything /path/to/segment-anything] [--official-sam-med2d /path/to/SAM-Med2D]
 
 On the 512 x 512 x 300 CT of bench_clicks.py (one copy per model), Slicer-shaped requests with
-`slice` 150: the first click on the slice (image load for the first model, slice preprocessing,
-encoder, decoder, write), then clicks on the same slice (decoder + write; median). With an
+`slice` 150: the first click on the slice, once the client has opened the image and the server
+has read it (slice preprocessing, encoder, decoder, write), then clicks on the same slice
+(decoder + write; median). With an
 official checkout (kept outside this project), its image encoder and decoder are built with the
 same seeded weights and timed on one preprocessed slice: the per-slice cost of code that
 encodes every click.
@@ -22,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import requests
 import torch
 
-from bench_clicks import click, make_ct, start_server
+from bench_clicks import APP, click, make_ct, start_server, wait_for_line
 from samlabel.checkpoint import expected_shapes
 from samlabel.registry import get_spec
 from samlabel.seeded import save_in_official_layout, seeded_state_dict
@@ -79,6 +81,44 @@ def official_per_slice(checkout: Path, name: str, state: dict, repeats: int) -> 
     return statistics.median(times)
 
 
+def measure(work: Path, repeats: int, official_paths: dict, app: Path = APP) -> dict:
+    """Per model: first (the first click on the slice, the image opened and read before), same (median
+    of repeats same-slice clicks) and official (the official code per slice, where a checkout is given)."""
+    models = ["medsam", "sam_med2d"]
+    studies = work / "studies"
+    studies.mkdir()
+    conf, states = {"models": ",".join(models)}, {}
+    for name in models:
+        make_ct(studies / f"ct_{name}.nii.gz")
+        spec = get_spec(name)
+        states[name] = seeded_state_dict(expected_shapes(spec), 0)
+        path = work / spec.checkpoint_file
+        save_in_official_layout(spec, states[name], path)
+        conf[f"{name}_checkpoint"] = path
+    proc, url = start_server(studies, conf, work, app)
+    rows = {}
+    try:
+        for name in models:
+            image, centre = f"ct_{name}", [200, 230, SLICE]
+            assert requests.get(f"{url}/datastore/image", params={"image": image}, timeout=600).status_code == 200
+            wait_for_line(work / "server.log", f"prefetched {image}")  # Slicer opens the image before any click
+            corner = [250, 280, SLICE]  # MedSAM: two clicks span its box
+            first_clicks = [centre, corner] if name == "medsam" else [centre]
+            first = click(url, name, image, first_clicks, [], "user", slice=SLICE)
+            same = []
+            for step in range(repeats):
+                foreground = first_clicks + [[205 + step, 235, SLICE]]
+                same.append(click(url, name, image, foreground, [], "user", slice=SLICE))
+            rows[name] = {"first": first, "same": statistics.median(same)}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    for name in models:
+        if official_paths.get(name):
+            rows[name]["official"] = official_per_slice(official_paths[name], name, states[name], max(1, min(repeats, 3)))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -86,44 +126,15 @@ def main():
     parser.add_argument("--official-sam-med2d", type=Path, help="checkout of OpenGVLab/SAM-Med2D")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count()))
-    models = ["medsam", "sam_med2d"]
     official_paths = {"medsam": args.official_segment_anything, "sam_med2d": args.official_sam_med2d}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        studies = work / "studies"
-        studies.mkdir()
-        conf, states = {"models": ",".join(models)}, {}
-        for name in models:
-            make_ct(studies / f"ct_{name}.nii.gz")
-            spec = get_spec(name)
-            states[name] = seeded_state_dict(expected_shapes(spec), 0)
-            path = work / spec.checkpoint_file
-            save_in_official_layout(spec, states[name], path)
-            conf[f"{name}_checkpoint"] = path
-        proc, url = start_server(studies, conf, work)
-        rows = []
-        try:
-            for name in models:
-                image, centre = f"ct_{name}", [200, 230, SLICE]
-                corner = [250, 280, SLICE]  # MedSAM: two clicks span its box
-                first_clicks = [centre, corner] if name == "medsam" else [centre]
-                first = click(url, name, image, first_clicks, [], "user", slice=SLICE)
-                same = []
-                for step in range(args.repeats):
-                    foreground = first_clicks + [[205 + step, 235, SLICE]]
-                    same.append(click(url, name, image, foreground, [], "user", slice=SLICE))
-                rows.append((name, first, statistics.median(same)))
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        official = {name: official_per_slice(official_paths[name], name, states[name], max(1, min(args.repeats, 3)))
-                    for name in models if official_paths[name]}
+        rows = measure(Path(tmp), args.repeats, official_paths)
     print(f"512x512x300 CT, slice {SLICE}, torch threads {torch.get_num_threads()}, HTTP round trips, medians")
     print("| model | first click on the slice (s) | same-slice click (s) | official code per slice (s) |")
     print("|---|---|---|---|")
-    for name, first, same in rows:
-        yardstick = f"{official[name]:.2f}" if name in official else "-"
-        print(f"| {name} | {first:.2f} | {same:.3f} | {yardstick} |")
+    for name, row in rows.items():
+        yardstick = f"{row['official']:.2f}" if "official" in row else "-"
+        print(f"| {name} | {row['first']:.2f} | {row['same']:.3f} | {yardstick} |")
 
 
 if __name__ == "__main__":
