@@ -1,7 +1,9 @@
 """The GPU path in a few minutes, at engine level (no monailabel, no HTTP): for each model and
 dtype, encoder and decoder latency; then engine-level clicks on a 512 x 512 x 300 volume: first
 click (read + encode + decode + mask), second click in the same window or slice, and the
-uncertainty ensemble with N = 8 and N = 100. Seeded full-size weights in the official layout.
+uncertainty ensemble with N = 8 and N = 100; SAM3D's decoder training iteration; FastSAM3D's encoder
+distillation: the teacher's targets per crop and one student iteration. Seeded full-size weights in
+the official layout.
 
     bench/gpu_check.sh [--out DIR]     # on a GPU machine (wheels from .whl/ when present)
     bench/gpu_check.sh --dry-run       # small configurations on the CPU: the suite runs this
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from samlabel.attention import flash_available
+from samlabel.distillation import depth_pairs, student_loss, teacher_outputs
 from samlabel.modeling.build_sam3d_seg import build_sam3d_seg
 from samlabel.predictor import SamPredictor3D
 from samlabel.predictor2d import SamPredictor2D
@@ -116,6 +119,28 @@ def sam3d_costs(dtype, dry_run, device, repeats):
     return encoder, decoder, median_seconds(iteration, repeats, device)
 
 
+def distillation_costs(dtypes, dry_run, device, repeats):
+    """FastSAM3D's encoder distillation from SAM-Med3D-turbo: the teacher's targets for one 128^3 crop
+    (neck and the six paired block outputs, float32 as the run computes them), and per dtype one
+    student iteration (batch 1, the neck and all six block pairs in the loss, AdamW)."""
+    teacher = seeded_model("sam_med3d", dry_run, device)[1].image_encoder
+    student = seeded_model("fastsam3d", dry_run, device)[1].image_encoder.train()
+    pairs = depth_pairs(len(student.blocks), len(teacher.blocks))
+    volume = torch.randn(1, 1, *get_spec("fastsam3d").input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    targets = lambda: teacher_outputs(teacher, volume, [t for _, t in pairs])  # noqa: E731
+    teacher_seconds = median_seconds(targets, repeats, device)
+    neck, blocks = targets()
+    optimizer = torch.optim.AdamW(student.parameters(), 8e-4, weight_decay=0.1)
+
+    def iteration(dtype):
+        loss, _ = student_loss(student, volume, neck, blocks, pairs, dtype)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return teacher_seconds, {name: median_seconds(lambda: iteration(dtype), repeats, device) for name, dtype in dtypes.items()}
+
+
 def write_volume(path, shape):
     """A CT-like volume: air, a body, a bright ellipsoid; LPS, anisotropic."""
     i, j, k = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape), indexing="ij")
@@ -172,6 +197,13 @@ def main():
         report["networks"][f"sam3d_synapse/{dtype_name}"] = {"encoder_slice_s": encoder, "decoder_window_s": decoder,
                                                              "train_iteration_s": iteration}
         print(f"| sam3d_synapse | {dtype_name} | {encoder:.4f} | {decoder:.4f} | {iteration:.4f} |", flush=True)
+    teacher_seconds, student_seconds = distillation_costs(DTYPES, args.dry_run, device, repeats)
+    report["distillation"] = {"teacher_targets_s": teacher_seconds, "student_iteration_s": student_seconds}
+    print("\n| FastSAM3D distillation | teacher targets per crop, float32 (s) | "
+          + " | ".join(f"student iteration, {name} (s)" for name in student_seconds) + " |\n|---|---|"
+          + "---|" * len(student_seconds))
+    print(f"| sam_med3d -> fastsam3d | {teacher_seconds:.4f} | " + " | ".join(f"{t:.4f}" for t in student_seconds.values())
+          + " |", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         image = Path(folder) / "volume.nii.gz"
         write_volume(image, shape)

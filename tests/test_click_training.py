@@ -166,6 +166,6 @@ def test_the_3d_click_models_get_a_finetune_task(tmp_path):
         config = families[get_spec(name).family]()
         config.init(name, str(tmp_path), {}, None, settings=settings, images=ImageCache())
         tasks.update(config.trainers())
-    assert set(tasks) == {"fastsam3d_finetune", "sam_med3d_finetune", "sam3d_synapse"}
+    assert set(tasks) == {"fastsam3d_finetune", "fastsam3d_distill", "sam_med3d_finetune", "sam3d_synapse"}
     assert isinstance(tasks["fastsam3d_finetune"], ClickTraining)
     assert tasks["fastsam3d_finetune"].config()["learning_rate"] == 8e-5

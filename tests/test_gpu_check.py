@@ -22,7 +22,10 @@ def test_gpu_check_dry_run_reports_every_model_and_dtype(tmp_path):
     for name in sam3d:
         assert set(report["networks"][name]) == {"encoder_slice_s", "decoder_window_s", "train_iteration_s"}
         assert all(t > 0 for t in report["networks"][name].values())
+    distillation = report["distillation"]
+    assert distillation["teacher_targets_s"] > 0 and set(distillation["student_iteration_s"]) == {"float32", "bfloat16"}
+    assert all(t > 0 for t in distillation["student_iteration_s"].values())
     for timings in report["clicks"].values():
         assert set(timings) == {"first_s", "next_s", "uncertainty_2_s", "uncertainty_4_s"}
         assert all(t > 0 for t in timings.values())
-    assert "| fastsam3d | bfloat16 |" in run.stdout
+    assert "| fastsam3d | bfloat16 |" in run.stdout and "| sam_med3d -> fastsam3d |" in run.stdout

@@ -10,10 +10,10 @@ request. A click runs in two steps, so that nothing changes when a request fails
 
 `segment` does all three, for callers without MONAI Label (tests, benchmarks).
 
-Weights: the official checkpoint, or the newest file a click fine-tuning run wrote under
-`<checkpoint folder>/trained/<model>/` (versioned, the official file is never written); `weights`
-(--conf <model>_weights) picks "latest" (default), "official" or a file name there. The predictor
-is loaded again when that file changes, without a restart.
+Weights: the official checkpoint, or the newest file a training run (click fine-tuning, FastSAM3D's
+encoder distillation) wrote under `<checkpoint folder>/trained/<model>/` (versioned, the official
+file is never written); `weights` (--conf <model>_weights) picks "latest" (default), "official" or a
+file name there. The predictor is loaded again when that file changes, without a restart.
 """
 
 import threading
@@ -50,13 +50,13 @@ TRAINED = "trained"  # folder next to the official checkpoint where training run
 
 
 def trained_folder(checkpoint: Path, model: str) -> Path:
-    """Where click fine-tuning writes `model`'s weights: per model, as the click models' official
+    """Where training runs write `model`'s weights: per model, as the click models' official
     files share one folder."""
     return checkpoint.parent / TRAINED / model
 
 
 def trained_weights(checkpoint: Path, model: str) -> List[Path]:
-    """Weights written by fine-tuning runs for `model`, oldest first (names sort by time)."""
+    """Weights written by training runs for `model`, oldest first (names sort by time)."""
     folder = trained_folder(checkpoint, model)
     return sorted(folder.glob("*.pth")) if folder.is_dir() else []
 
@@ -104,7 +104,8 @@ class ClickEngine:
 
     def predictor(self):
         """The predictor, loaded on first use and again when weights_file() changed. Cached
-        embeddings stay valid when the new weights have the same image encoder (fine-tuning keeps it)."""
+        embeddings stay valid when the new weights have the same image encoder (fine-tuning keeps it)
+        and are dropped when it differs (distillation changes it)."""
         with self._load_lock:
             if self._predictor is not None and not self._loaded:
                 return self._predictor  # given ready

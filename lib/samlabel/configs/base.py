@@ -11,9 +11,11 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..checkpoint import CheckpointError, find_checkpoint
 from ..click_training import tunable
+from ..distillation import TEACHERS
 from ..registry import get_spec
 from ..tasks.clicks import ClickSegmentation, Propagation, UncertaintyBands
 from ..tasks.train_clicks import ClickTraining
+from ..tasks.train_distill import EncoderDistillation
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,17 @@ class SamTaskConfig(TaskConfig):
     def trainers(self) -> Dict[str, TrainTask]:
         """Every train task of the model, by its /train/ name: trainer() under the model's name, and
         for the 3D click models `<name>_finetune`, the click fine-tuning of the prompt encoder and
-        mask decoder (samlabel.tasks.train_clicks)."""
+        mask decoder (samlabel.tasks.train_clicks); for a student of distillation.TEACHERS (FastSAM3D)
+        `<name>_distill`, its encoder's distillation from the teacher entry's checkpoint
+        (--conf <teacher>_checkpoint, else model/<its official file>; samlabel.tasks.train_distill)."""
         trainer = self.trainer()
         tasks = {self.name: trainer} if trainer is not None else {}
         if self.family == "clicks3d" and tunable(self.spec):
             tasks[f"{self.name}_finetune"] = ClickTraining(self.engine)
+        if self.name in TEACHERS:
+            teacher = get_spec(TEACHERS[self.name])
+            tasks[f"{self.name}_distill"] = EncoderDistillation(self.engine, teacher,
+                                                                find_checkpoint(teacher, self.model_dir, self.conf))
         return tasks
 
     def preload(self) -> None:
