@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import LRUCache
-from .device import autocast
+from .device import autocast, on_host
 from .files import atomic_write
 from .geometry import Window, apply, place_window, sample_window
 from .images import StoredImage
@@ -251,22 +251,14 @@ def train_clicks(model: Sam, examples: Sequence[ClickExample], embeddings: Windo
 
 
 # ---- the weights file ------------------------------------------------------------------------------------------------
-def _on_host(state: Dict) -> Dict:
-    return {k: _on_host(v) if isinstance(v, dict) else v.detach().cpu() if isinstance(v, torch.Tensor) else v
-            for k, v in state.items()}
-
-
-def official_layout(spec: ModelSpec, model: Sam, optimizer: torch.optim.Optimizer, history: ClickTrainingHistory,
-                    trained_on: Sequence[str], started_from: str) -> object:
+def official_layout(spec: ModelSpec, model: Sam, optimizer: torch.optim.Optimizer, record: Dict) -> object:
     """The weights as spec's official file holds them (the 3D models: the training script's dict,
-    weights under 'model_state_dict'), with this run's record next to them: plain data only, so
-    torch.load(weights_only=True) reads it."""
-    state = _on_host(model.state_dict())
+    weights under 'model_state_dict'), with the run's record (plain data: epoch, losses, ...) next
+    to them, so that torch.load(weights_only=True) reads it."""
+    state = on_host(model.state_dict())
     if spec.checkpoint_key is None:
         return state
-    return {spec.checkpoint_key: state, "epoch": len(history.losses), "optimizer_state_dict": _on_host(optimizer.state_dict()),
-            "losses": list(history.losses), "dice": list(history.dice), "used_datas": list(trained_on),
-            "started_from": started_from, "model": spec.name}
+    return {spec.checkpoint_key: state, "optimizer_state_dict": on_host(optimizer.state_dict()), **record, "model": spec.name}
 
 
 def write_weights(folder: Path, checkpoint: object) -> Path:

@@ -34,5 +34,17 @@ def to_host(*tensors: torch.Tensor) -> tuple:
     return tuple(t.detach().float().cpu().numpy() for t in tensors)
 
 
+def on_host(value):
+    """A state dict (nested dicts, lists and tuples of tensors) with every tensor detached on the
+    CPU: what a checkpoint file holds, whatever device trained it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_host(v) for v in value)
+    return value
+
+
 def to_device(array, device: torch.device, dtype=np.float32) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(array, dtype=dtype), device=device)

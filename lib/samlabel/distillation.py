@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .click_training import _on_host, structure_window
+from .click_training import official_layout, structure_window
 from .device import autocast
 from .files import atomic_write
 from .geometry import Window, apply, place_window, sample_window
@@ -289,12 +289,8 @@ def distill(student: nn.Module, crops: Sequence[CachedCrop], pairs: Sequence[Tup
 # ---- the weights file ---------------------------------------------------------------------------------------------
 def distilled_checkpoint(spec: ModelSpec, model: Sam, optimizer: torch.optim.Optimizer, history: DistillationHistory,
                          crops: Sequence[str], started_from: str, teacher: str) -> object:
-    """The whole network as spec's official file holds it (FastSAM3D: the training script's dict,
-    weights under 'model_state_dict'), with this run's record next to them: plain data only, so
-    torch.load(weights_only=True) reads it."""
-    state = _on_host(model.state_dict())
-    if spec.checkpoint_key is None:
-        return state
-    return {spec.checkpoint_key: state, "epoch": len(history.losses), "optimizer_state_dict": _on_host(optimizer.state_dict()),
-            "losses": list(history.losses), "neck_mse": list(history.neck_mse), "used_datas": list(crops),
-            "started_from": started_from, "teacher": teacher, "model": spec.name}
+    """The whole network in spec's official layout (FastSAM3D: weights under 'model_state_dict'),
+    with this run's record next to them."""
+    return official_layout(spec, model, optimizer, {
+        "epoch": len(history.losses), "losses": list(history.losses), "neck_mse": list(history.neck_mse),
+        "used_datas": list(crops), "started_from": started_from, "teacher": teacher})

@@ -57,7 +57,7 @@ from torch import nn
 
 from . import autoseg
 from .files import atomic_write
-from .device import to_host
+from .device import on_host, to_host
 from .images import StoredImage, file_key
 
 DICE_SMOOTH = 1e-5
@@ -444,17 +444,6 @@ def train_decoder(decoder: nn.Module, volumes: Sequence[TrainingVolume], patch: 
 
 
 # ---- the official checkpoint -----------------------------------------------------------------------------
-def _on_host(value):
-    """A state dict (nested dicts and lists of tensors) with every tensor on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _on_host(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_host(v) for v in value)
-    return value
-
-
 def nnunet_checkpoint(decoder: nn.Module, optimizer: torch.optim.Optimizer, history: TrainingHistory) -> dict:
     """What network_trainer_*.save_checkpoint saves after training: 'epoch' is the epochs run.
     'plot_stuff' = (train losses, validation losses (none), validation losses in train mode (none),
@@ -462,8 +451,8 @@ def nnunet_checkpoint(decoder: nn.Module, optimizer: torch.optim.Optimizer, hist
     best = history.best_epoch
     return {
         "epoch": len(history.losses),
-        "state_dict": _on_host(decoder.state_dict()),
-        "optimizer_state_dict": _on_host(optimizer.state_dict()),
+        "state_dict": on_host(decoder.state_dict()),
+        "optimizer_state_dict": on_host(optimizer.state_dict()),
         "lr_scheduler_state_dict": None,  # poly lr set by hand, as upstream
         "plot_stuff": (list(history.losses), [], [], list(history.dice)),
         "best_stuff": (best, history.losses[best - 1], history.dice[best - 1]),

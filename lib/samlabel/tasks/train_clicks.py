@@ -104,7 +104,9 @@ class ClickTraining(LockedTrainTask):
 
         history, optimizer = train_clicks(model, examples, embeddings, settings, on_epoch)
         images = sorted({e.name.rsplit(": ", 1)[0] for e in examples})
-        written = write_weights(self.folder, official_layout(spec, model, optimizer, history, images, start_file.name))
+        record = {"epoch": len(history.losses), "losses": list(history.losses), "dice": list(history.dice),
+                  "used_datas": images, "started_from": start_file.name}
+        written = write_weights(self.folder, official_layout(spec, model, optimizer, record))
         stats.update(status="done", written=written.name, total_time=round(time.perf_counter() - started, 1),
                      end_ts=int(time.time()))
         self._write_stats(stats)
