@@ -50,9 +50,7 @@ import psutil
 import requests
 from requests_toolbelt.adapters.source import SourceAddressAdapter
 
-from samlabel.checkpoint import expected_shapes
-from samlabel.registry import get_spec
-from samlabel.seeded import save_in_official_layout, seeded_state_dict
+from samlabel.seeded import write_seeded_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -70,13 +68,8 @@ CONFIGS = {"single": (1, "affinity"), "affinity": (None, "affinity"), "round-rob
 def write_checkpoints(folder: Path, models: List[str], seed: int) -> Dict[str, str]:
     """Seeded full-size checkpoints in each model's official file name and layout: the --conf entries."""
     folder.mkdir(parents=True)
-    conf = {}
-    for n, name in enumerate(models):
-        spec = get_spec(name)
-        path = folder / spec.checkpoint_file
-        save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), seed + n), path)
-        conf[f"{name}_checkpoint"] = str(path)
-    return conf
+    paths = write_seeded_checkpoints(folder, {name: seed + n for n, name in enumerate(models)})
+    return {f"{name}_checkpoint": str(path) for name, path in paths.items()}
 
 
 def write_studies(folder: Path, images: int) -> List[str]:

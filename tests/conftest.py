@@ -25,10 +25,9 @@ import pytest
 import requests
 import torch
 
-from samlabel.checkpoint import expected_shapes
 from samlabel.modeling.sam3d_decoder import Sam3DDecoder
 from samlabel.registry import get_spec
-from samlabel.seeded import save_in_official_layout, save_sam3d_decoder_files, seeded_state_dict
+from samlabel.seeded import save_sam3d_decoder_files, seeded_state_dict, write_seeded_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "fastsam3d"
@@ -188,16 +187,6 @@ def monailabel_server(tmp_path_factory, sample_studies_dir):
         yield factory
     finally:
         stop_all()
-
-
-def write_seeded_checkpoints(folder: Path, seeds: Dict[str, int]) -> Dict[str, Path]:
-    """Seeded full-size checkpoints, each with its official file name and layout."""
-    paths = {}
-    for name, seed in seeds.items():
-        spec = get_spec(name)
-        paths[name] = folder / spec.checkpoint_file
-        save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), seed), paths[name])
-    return paths
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """/train/fastsam3d_finetune through a real `monailabel start_server` and MONAI Label's own training
 process, on a seeded full-size FastSAM3D in the official layout (a copy: the run writes next to it)."""
 
-import json
 import shutil
 import time
 from pathlib import Path

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NETWORK_HOOK_SOURCE, NETWORK_MARKER, REPO_ROOT, _free_port, click_marker, write_seeded_checkpoints
+from conftest import NETWORK_HOOK_SOURCE, NETWORK_MARKER, REPO_ROOT, _free_port, click_marker
 
 from samlabel.checkpoint import expected_shapes
 from samlabel.registry import get_spec, registered
-from samlabel.seeded import save_in_official_layout
+from samlabel.seeded import save_in_official_layout, write_seeded_checkpoints
 
 SCRIPT = REPO_ROOT / "scripts" / "fetch_checkpoints.py"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the fake repos' head commit

@@ -7,6 +7,8 @@ positional embeddings and biases are non-zero), so a test exercises every term.
 """
 
 import math
+from pathlib import Path
+from typing import Dict
 
 import torch
 
@@ -73,6 +75,20 @@ def save_in_official_layout(spec, state_dict: dict, path) -> None:
     else:
         checkpoint = {spec.checkpoint_key: state_dict} if spec.checkpoint_key else state_dict
     torch.save(checkpoint, path)
+
+
+def write_seeded_checkpoints(folder, seeds: Dict[str, int]) -> Dict[str, Path]:
+    """Seeded full-size checkpoints (model name -> seed), each with its model's official file name
+    and layout, in folder; their paths by model name."""
+    from .checkpoint import expected_shapes
+    from .registry import get_spec
+
+    paths = {}
+    for name, seed in seeds.items():
+        spec = get_spec(name)
+        paths[name] = Path(folder) / spec.checkpoint_file
+        save_in_official_layout(spec, seeded_state_dict(expected_shapes(spec), seed), paths[name])
+    return paths
 
 
 def seeded_image(seed: int, size: int = 256) -> torch.Tensor:
