@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 BACKENDS = ("math", "sdpa", "flash")
+DENSE_CHUNK_ELEMENTS = 2 ** 20  # bias values summed at once (4 MB of float32)
 
 
 @dataclass
@@ -55,10 +56,17 @@ class FactoredBias:
     terms: List[torch.Tensor]
     key_grid: Tuple[int, ...]
 
-    def dense(self) -> torch.Tensor:
-        """(B, heads, Nq, prod(key_grid))."""
+    def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(B, heads, Nq, prod(key_grid)) in dtype (default: the terms'). Summed in the terms'
+        precision and rounded once, a block of queries at a time: a global block's whole float32
+        sum (heads x 4096^2 for MedSAM) would stream through memory twice before attention reads it."""
         lead = self.terms[0].shape[:3]
-        return sum(self.terms).expand(*lead, *self.key_grid).reshape(*lead, -1)
+        dense = torch.empty(*lead, *self.key_grid, dtype=dtype or self.terms[0].dtype, device=self.terms[0].device)
+        step = max(1, DENSE_CHUNK_ELEMENTS // (lead[0] * lead[1] * math.prod(self.key_grid)))
+        for start in range(0, lead[2], step):
+            rows = slice(start, start + step)
+            dense[:, :, rows] = sum(term[:, :, rows] for term in self.terms)
+        return dense.reshape(*lead, -1)
 
     def features(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query features (B, heads, Nq, K) and key codes (Nk, K) whose inner product is the bias."""
@@ -134,7 +142,7 @@ def attention(
     if backend == "sdpa":
         mask = None
         if bias is not None:
-            mask = bias.dense().to(q.dtype)
+            mask = bias.dense(q.dtype)
             mask = torch.cat([mask, extra.to(q.dtype)], -1) if extra is not None else mask
         return _grouped(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale),
                         q, k, v, mask, groups)
