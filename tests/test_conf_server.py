@@ -53,6 +53,7 @@ def test_bfloat16_server_serves_and_agrees_with_float32(masks_by_dtype, model):
     ({"device": "tpu"}, "device must be cpu or cuda"),
     ({"dtype": "float8"}, "dtype must be one of"),
     ({"ensemble_dtype": "half"}, "ensemble_dtype must be one of"),
+    ({"medsam_dtype": "int8"}, "medsam_dtype must be one of"),
     ({"image_cache_mb": "lots"}, "image_cache_mb must be a number"),
     ({"propagation_seconds": "-1"}, "propagation_seconds must be a number"),
     ({"modles": "fastsam3d"}, "unknown key 'modles'"),

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi import HTTPException
 
 from samlabel.configs import config_families
 from samlabel.images import ImageCache
-from samlabel.registry import registered
-from samlabel.settings import AppSettings
+from samlabel.registry import get_spec, registered
+from samlabel.settings import AppSettings, ConfError
 from samlabel.tasks import base
 from samlabel.tasks.clicks import ClickSegmentation
 from samlabel.transforms import EnsembleStatisticsd, MaskOnImaged, StdOnImaged, UncertaintyBandsd
@@ -39,6 +40,22 @@ def test_every_model_is_served_by_its_family_config_with_its_task_kinds(tmp_path
         assert {kind for kind in spec.tasks if kind in task_of and task_of[kind] in tasks} == set(spec.tasks) - {"training"}
         assert tasks[name].engine.spec is spec and isinstance(tasks[name].engine, spec.engine)
         assert "UNAVAILABLE" in tasks[name].description  # no checkpoint in tmp_path, and it says so
+
+
+def test_a_model_can_have_its_own_precision(tmp_path):
+    """--conf medsam_dtype bfloat16: MedSAM's engine in bfloat16, the others at dtype; the ensemble
+    members at each model's own unless ensemble_dtype says otherwise."""
+    settings = AppSettings.from_conf({"dtype": "float32", "medsam_dtype": "bfloat16"})
+    engines = {}
+    for name in ("medsam", "fastsam3d"):
+        config = config_families()[get_spec(name).family]()
+        config.init(name, str(tmp_path), {}, None, settings=settings, images=ImageCache())
+        engines[name] = config.engine
+    assert (engines["medsam"].dtype, engines["medsam"].ensemble_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert (engines["fastsam3d"].dtype, engines["fastsam3d"].ensemble_dtype) == (torch.float32, torch.float32)
+    assert AppSettings.from_conf({"ensemble_dtype": "bfloat16"}).dtype_of("medsam") == torch.float32
+    with pytest.raises(ConfError, match="medsam_dtype must be one of"):
+        AppSettings.from_conf({"medsam_dtype": "half"})
 
 
 def test_every_click_task_post_transforms_hold_the_ensemble_statistics_and_the_mask(tmp_path):

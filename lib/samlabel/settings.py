@@ -4,7 +4,7 @@ server with a message, instead of starting it and answering 500 to every click."
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,8 @@ OUR_KEYS = {
     "models": 'comma-separated model names, or "all" (default: every model whose checkpoint is present)',
     "device": "cpu or cuda (default: cuda when available)",
     "dtype": "float32, bfloat16 or float16: the models' compute precision (default float32)",
-    "ensemble_dtype": "float32, bfloat16 or float16: the self-ensemble members' precision (default: dtype)",
+    "<model>_dtype": "that model's precision instead of dtype (e.g. medsam_dtype bfloat16)",
+    "ensemble_dtype": "float32, bfloat16 or float16: the self-ensemble members' precision (default: the model's)",
     "image_cache_mb": "memory for loaded images in MB (default 2048)",
     "propagation_seconds": "time bound of the 2D models' 3D propagation tasks (default 60)",
     "<model>_checkpoint": "a checkpoint path instead of model/<official file name>",
@@ -42,10 +43,15 @@ class AppSettings:
     explicit: bool  # models named by --conf models: registered even without their checkpoint
     device: str
     dtype: torch.dtype
-    ensemble_dtype: torch.dtype
+    model_dtypes: Mapping[str, torch.dtype]  # <model>_dtype: a model's own precision instead of dtype
+    ensemble_dtype: Optional[torch.dtype]  # None: each model's own
     image_cache_bytes: float
     propagation_seconds: float
     upload_mb: float
+
+    def dtype_of(self, model: str) -> torch.dtype:
+        """The model's compute precision: <model>_dtype, else dtype."""
+        return self.model_dtypes.get(model, self.dtype)
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str]) -> "AppSettings":
@@ -55,6 +61,8 @@ class AppSettings:
         weights_suffix = {f"{name}_weights": TRAINED_SUFFIX[spec.family] for name, spec in models.items()
                           if "training" in spec.tasks or spec.family == "clicks3d"}
         checkpoint_keys |= set(weights_suffix)
+        dtype_keys = {f"{name}_dtype": name for name in models}
+        checkpoint_keys |= set(dtype_keys)
         for key in conf:
             if key not in OUR_KEYS and key not in checkpoint_keys and key not in MONAILABEL_KEYS:
                 problems.append(f"unknown key {key!r}")
@@ -78,9 +86,8 @@ class AppSettings:
         elif device.startswith("cuda") and not torch.cuda.is_available():
             problems.append(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
 
-        dtype_name = str(conf.get("dtype", "float32"))
-        ensemble_dtype_name = str(conf.get("ensemble_dtype", dtype_name))
-        for key, name in (("dtype", dtype_name), ("ensemble_dtype", ensemble_dtype_name)):
+        dtype_names = {key: str(conf[key]) for key in ["dtype", "ensemble_dtype", *dtype_keys] if key in conf}
+        for key, name in dtype_names.items():
             if name not in DTYPES:
                 problems.append(f"{key} must be one of {', '.join(DTYPES)}, got {name!r}")
         image_cache_mb = _number(conf, "image_cache_mb", 2048, 1, math.inf, problems)
@@ -90,7 +97,9 @@ class AppSettings:
             known = "; ".join(f"{k}: {v}" for k, v in OUR_KEYS.items())
             raise ConfError("invalid --conf: " + "; ".join(problems) + f". Known keys: {known}")
         return cls(models=tuple(requested if explicit else models), explicit=explicit, device=device,
-                   dtype=DTYPES[dtype_name], ensemble_dtype=DTYPES[ensemble_dtype_name], image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds,
+                   dtype=DTYPES.get(dtype_names.get("dtype"), torch.float32),
+                   model_dtypes={model: DTYPES[dtype_names[key]] for key, model in dtype_keys.items() if key in dtype_names},
+                   ensemble_dtype=DTYPES.get(dtype_names.get("ensemble_dtype")), image_cache_bytes=image_cache_mb * 2**20, propagation_seconds=seconds,
                    upload_mb=upload_mb)
 
 

@@ -29,7 +29,7 @@ class AutoSeg3DConfig(SamTaskConfig):
         self.path = find_checkpoint(self.spec, model_dir, conf)
         encoder = Path(conf.get("sam_vit_b_checkpoint") or Path(model_dir) / self.spec.encoder_checkpoint_file)
         self.engine = self.spec.engine(self.spec, self.path, kwargs["images"], device=self.settings.device,
-                                       dtype=self.settings.dtype, encoder_checkpoint=encoder,
+                                       dtype=self.settings.dtype_of(name), encoder_checkpoint=encoder,
                                        weights=conf.get(f"{name}_weights", "latest"))
         self.missing = self.engine.missing_message()  # a decoder trained here counts as present
 

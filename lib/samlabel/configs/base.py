@@ -32,7 +32,7 @@ class SamTaskConfig(TaskConfig):
         self.missing = "" if self.path.is_file() else (
             f"checkpoint not found: put {self.spec.checkpoint_file} at {self.path} (download: {self.spec.source})")
         self.engine = self.spec.engine(self.spec, self.path, kwargs["images"], device=self.settings.device,
-                                       dtype=self.settings.dtype, ensemble_dtype=self.settings.ensemble_dtype,
+                                       dtype=self.settings.dtype_of(name), ensemble_dtype=self.settings.ensemble_dtype,
                                        weights=conf.get(f"{name}_weights", "latest"))
 
     def infer(self) -> Dict[str, InferTask]:
