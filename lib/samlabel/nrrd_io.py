@@ -43,7 +43,7 @@ def write_nrrd(path: str, array: np.ndarray, affine_ras: np.ndarray, compress: b
         f.write(gzip_parallel(memoryview(data).cast("B")) if compress else memoryview(data).cast("B"))
 
 
-def gzip_parallel(data: memoryview, chunk_bytes: int = 8 << 20) -> bytes:
+def gzip_parallel(data: memoryview, chunk_bytes: int = 2 << 20) -> bytes:
     """One gzip member (level 1) of `data`, deflated in parallel chunks, each with its CRC-32.
 
     A click's mask is zero outside the model's window: an all-zero chunk is not deflated again
