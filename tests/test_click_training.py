@@ -117,15 +117,7 @@ def test_bad_requests_are_refused_with_a_message(setup, tmp_path):
     assert task.stats()["status"] == "error" and "empty" in task.stats()["error"]
 
     save_final(datastore, label_path)
-    task.folder.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(task.folder / ".train.lock")
-    assert lock.take()
-    try:
-        with pytest.raises(InputError, match="already going"):
-            task.check({}, datastore)
-    finally:
-        lock.release()
-    task.check({}, datastore)  # now nothing to refuse
+    assert_refused_while_a_run_is_going(task, datastore)
 
     missing = ClickTraining(engine.spec.engine(engine.spec, tmp_path / "absent" / "FastSAM3D.pth"))
     with pytest.raises(InputError, match="missing"):
@@ -169,3 +161,16 @@ def test_the_3d_click_models_get_a_finetune_task(tmp_path):
     assert set(tasks) == {"fastsam3d_finetune", "fastsam3d_distill", "sam_med3d_finetune", "sam3d_synapse"}
     assert isinstance(tasks["fastsam3d_finetune"], ClickTraining)
     assert tasks["fastsam3d_finetune"].config()["learning_rate"] == 8e-5
+
+
+def assert_refused_while_a_run_is_going(task, datastore):
+    """A run holding the task's lock makes check() refuse; once released, nothing is refused."""
+    task.folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(task.folder / ".train.lock")
+    assert lock.take()
+    try:
+        with pytest.raises(InputError, match="already going"):
+            task.check({}, datastore)
+    finally:
+        lock.release()
+    task.check({}, datastore)

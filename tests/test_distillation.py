@@ -21,10 +21,10 @@ from samlabel.errors import InputError
 from samlabel.registry import get_spec
 from samlabel.request import ClickRequest
 from samlabel.seeded import save_in_official_layout, seeded_state_dict
-from samlabel.tasks.train_base import RunLock
 from samlabel.tasks.train_distill import EncoderDistillation
 
 from conftest import REPO_ROOT, load_module
+from test_click_training import assert_refused_while_a_run_is_going
 
 SMALL = load_module(REPO_ROOT / "bench" / "gpu_check.py").SMALL
 DATA = REPO_ROOT / "tests" / "data"
@@ -175,15 +175,7 @@ def test_bad_requests_are_refused_with_a_message(setup, tmp_path):
         with pytest.raises(InputError, match="CUDA"):
             task.check({"device": "cuda"}, datastore)
 
-    task.folder.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(task.folder / ".train.lock")
-    assert lock.take()
-    try:
-        with pytest.raises(InputError, match="already going"):
-            task.check({}, datastore)
-    finally:
-        lock.release()
-    task.check({}, datastore)  # now nothing to refuse
+    assert_refused_while_a_run_is_going(task, datastore)
 
     empty = tmp_path / "empty-studies"
     empty.mkdir()

@@ -36,6 +36,7 @@ from .files import atomic_write
 from .geometry import Window, apply, place_window, sample_window
 from .images import StoredImage
 from .modeling import Sam
+from .optimisation import GradientAccumulation, epoch_order
 from .registry import ModelSpec
 from .sam3d_training import utc_stamp
 
@@ -216,26 +217,21 @@ def train_clicks(model: Sam, examples: Sequence[ClickExample], embeddings: Windo
     optimizer = torch.optim.AdamW(trainable_parameters(model), settings.learning_rate, weight_decay=settings.weight_decay)
     dtype = torch.bfloat16 if settings.mixed_precision else torch.float32
     iterations = settings.iterations_per_epoch or len(examples)
-    history, done = ClickTrainingHistory(), 0
+    history = ClickTrainingHistory()
     model.eval()  # no dropout or batch norm in the decoder; the frozen encoder stays as served
-    optimizer.zero_grad(set_to_none=True)
+    accumulation = GradientAccumulation(optimizer, settings.gradient_accumulation)
     for epoch in range(settings.max_epochs):
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(epoch, settings)
-        order = np.concatenate([rng.permutation(len(examples)) for _ in range(-(-iterations // len(examples)))])
         losses, dice = [], []
-        for index in order[:iterations]:
+        for index in epoch_order(rng, len(examples), iterations):
             example = examples[index]
             embedding = embeddings.get(example)
             target = torch.from_numpy(example.target).to(device, torch.float32)  # the one move in
             with autocast(device, dtype):
                 loss, logits = click_loop(model, embedding, target, settings.clicks, rng)
-            (loss / settings.gradient_accumulation).backward()
-            done += 1
-            if done % settings.gradient_accumulation == 0:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            accumulation.backward(loss)
             losses.append(float(loss.detach()))
             dice.append(hard_dice(logits.detach(), target))
         history.losses.append(float(np.mean(losses)))
@@ -244,9 +240,7 @@ def train_clicks(model: Sam, examples: Sequence[ClickExample], embeddings: Windo
         history.seconds.append(time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(history)
-    if done % settings.gradient_accumulation:  # the last, partial accumulation
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    accumulation.finish()
     return history, optimizer
 
 

@@ -57,6 +57,7 @@ from .files import atomic_write
 from .geometry import Window, apply, place_window, sample_window
 from .images import StoredImage, file_key
 from .modeling import Sam
+from .optimisation import GradientAccumulation, epoch_order
 from .registry import ModelSpec
 
 TEACHERS = {"fastsam3d": "sam_med3d"}  # student registry entry -> the entry whose encoder it learns from
@@ -254,23 +255,18 @@ def distill(student: nn.Module, crops: Sequence[CachedCrop], pairs: Sequence[Tup
     optimizer = torch.optim.AdamW(student.parameters(), settings.learning_rate, weight_decay=settings.weight_decay)
     dtype = torch.bfloat16 if settings.mixed_precision else torch.float32
     iterations = settings.iterations_per_epoch or len(crops)
-    history, done = DistillationHistory(), 0
+    history = DistillationHistory()
     student.train()
-    optimizer.zero_grad(set_to_none=True)
+    accumulation = GradientAccumulation(optimizer, settings.gradient_accumulation)
     for epoch in range(settings.max_epochs):
         started = time.perf_counter()
         active = active_pairs(pairs, epoch, settings.progressive_epochs)
-        order = np.concatenate([rng.permutation(len(crops)) for _ in range(-(-iterations // len(crops)))])
         losses, necks = [], []
-        for index in order[:iterations]:
+        for index in epoch_order(rng, len(crops), iterations):
             crop = crops[index]
             neck_target, block_targets = crop.targets([t for _, t in active], device)
             loss, neck_mse = student_loss(student, crop.volume(device), neck_target, block_targets, active, dtype)
-            (loss / settings.gradient_accumulation).backward()
-            done += 1
-            if done % settings.gradient_accumulation == 0:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            accumulation.backward(loss)
             losses.append(float(loss.detach()))
             necks.append(float(neck_mse))
         history.losses.append(float(np.mean(losses)))
@@ -279,9 +275,7 @@ def distill(student: nn.Module, crops: Sequence[CachedCrop], pairs: Sequence[Tup
         history.seconds.append(time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(history)
-    if done % settings.gradient_accumulation:  # the last, partial accumulation
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    accumulation.finish()
     student.eval()
     return history, optimizer
 

@@ -24,7 +24,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from ..errors import InputError
 from ..files import atomic_write
 from ..images import ImageCache, load_image
-from ..request import as_integer, short
+from ..request import as_integer, boolean, short
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,15 @@ def device_option(given: Dict, default: str) -> str:
     if device.split(":")[0] not in ("cpu", "cuda") or device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"`device` must be cpu or cuda (on a machine with a CUDA device), got {short(device)}")
     return device
+
+
+def precision_options(given: Dict, default_device: str) -> Dict:
+    """The run's `device` and `mixed_precision` (bfloat16 autocast, which needs CUDA), checked together."""
+    device = device_option(given, default_device)
+    mixed_precision = boolean(given, "mixed_precision")
+    if mixed_precision and not device.startswith("cuda"):
+        raise InputError(f"`mixed_precision` (bfloat16 autocast) needs a CUDA device; the run would use {device}")
+    return {"device": device, "mixed_precision": mixed_precision}
 
 
 def image_and_label(images: ImageCache, image_id: str, image_path: str, label_path: str):

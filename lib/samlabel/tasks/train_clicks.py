@@ -32,9 +32,9 @@ from ..click_training import (DEFAULT_CLICKS, ClickExample, ClickTrainingHistory
                               WindowEmbeddings, official_layout, structure_example, train_clicks, write_weights)
 from ..engine import ClickEngine, trained_folder
 from ..errors import InputError
-from ..request import boolean, short
-from .train_base import (LABEL_TAG, LockedTrainTask, device_option, given_options, image_and_label, integer_option,
-                         number_option)
+from ..request import short
+from .train_base import (LABEL_TAG, LockedTrainTask, given_options, image_and_label, integer_option,
+                         number_option, precision_options)
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,5 @@ class ClickTraining(LockedTrainTask):
                    "learning_rate": number_option(given, "learning_rate"),
                    "weight_decay": number_option(given, "weight_decay", zero_ok=True),
                    "embedding_cache_mb": number_option(given, "embedding_cache_mb"),
-                   "start": given["start"], "mixed_precision": boolean(given, "mixed_precision"),
-                   "device": device_option(given, self.engine.device)}
-        if options["mixed_precision"] and not options["device"].startswith("cuda"):
-            raise InputError(f"`mixed_precision` (bfloat16 autocast) needs a CUDA device; the run would use {options['device']}")
+                   "start": given["start"], **precision_options(given, self.engine.device)}
         return options

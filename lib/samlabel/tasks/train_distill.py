@@ -40,9 +40,9 @@ from ..engine import ClickEngine, trained_folder
 from ..errors import InputError
 from ..images import file_key
 from ..registry import ModelSpec
-from ..request import boolean, short
-from .train_base import (LABEL_TAG, LockedTrainTask, device_option, given_options, image_and_label, integer_option,
-                         number_option)
+from ..request import short
+from .train_base import (LABEL_TAG, LockedTrainTask, given_options, image_and_label, integer_option,
+                         number_option, precision_options)
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,5 @@ class EncoderDistillation(LockedTrainTask):
                       ("gradient_accumulation", 1), ("progressive_epochs", 0), ("seed", 0))},
                    "learning_rate": number_option(given, "learning_rate"),
                    "weight_decay": number_option(given, "weight_decay", zero_ok=True),
-                   "start": given["start"], "mixed_precision": boolean(given, "mixed_precision"),
-                   "device": device_option(given, self.engine.device)}
-        if options["mixed_precision"] and not options["device"].startswith("cuda"):
-            raise InputError(f"`mixed_precision` (bfloat16 autocast) needs a CUDA device; the run would use {options['device']}")
+                   "start": given["start"], **precision_options(given, self.engine.device)}
         return options
