@@ -67,7 +67,11 @@ def start_server(studies: Path, conf: dict, work: Path, app: Path = APP):
             if requests.get(f"{url}/info/", timeout=2).ok:
                 return proc, url
         except requests.RequestException:
+            if proc.poll() is not None:  # it stopped (e.g. a --conf it refuses)
+                break
             time.sleep(0.5)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
     raise RuntimeError((work / "server.log").read_text())
 
 

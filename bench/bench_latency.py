@@ -7,6 +7,7 @@ Rows (CPU threads as the machine gives, at most 2; seeded full-size weights):
   FastSAM3D next click       HTTP, 512 x 512 x 300 CT, same window   | MONAI Label's uncached request path
   first click after opening  HTTP, FastSAM3D, the image read on open | the first click on a cold image
   MedSAM first click         HTTP, a new slice of an opened image    | the official code per slice
+                             (float32, and --conf medsam_dtype bfloat16)
   SAM-Med2D same-slice click HTTP                                     | the official code per slice
   uncertainty N=100 / N=8    engine, FastSAM3D, same window           | the Slicer extension (the issue's
                              (float32 members, and bfloat16)           2.78 s) / a normal click (x3)
@@ -56,6 +57,12 @@ def measure(args) -> dict:
             (work / part).mkdir()
         results["clicks"] = bench_clicks.measure(work / "clicks", ["fastsam3d"], args.repeats, args.app)
         results["slices"] = bench_slices.measure(work / "slices", args.repeats, official, args.app)
+        (work / "slices_bf16").mkdir()
+        try:  # MedSAM's encoder in bfloat16 (--conf medsam_dtype bfloat16)
+            results["medsam_bf16"] = bench_slices.measure(work / "slices_bf16", args.repeats, {}, args.app, ["medsam"],
+                                                          {"medsam_dtype": "bfloat16"})["medsam"]
+        except RuntimeError:  # an earlier version of the app, without <model>_dtype: its server does not start
+            pass
         results["uncertainty"] = bench_uncertainty.measure(work / "uncertainty", ["fastsam3d"], [8, 100], args.repeats)
         try:
             results["uncertainty_bf16"] = bench_uncertainty.measure(work / "uncertainty_bf16", ["fastsam3d"], [8, 100],
@@ -161,6 +168,9 @@ def table(results: dict) -> str:
              GOALS["medsam_first"]),
             ("SAM-Med2D, same-slice click", slices["sam_med2d"]["same"], official_cell(slices["sam_med2d"]),
              GOALS["sam_med2d_same"])]
+    if "medsam_bf16" in results:
+        rows.insert(3, ("MedSAM, first click on a slice, medsam_dtype bfloat16", results["medsam_bf16"]["first"],
+                        official_cell(slices["medsam"]), GOALS["medsam_first"]))
     for key, label in (("uncertainty", "float32"), ("uncertainty_bf16", "bfloat16")):
         if key not in results:
             continue

@@ -81,13 +81,14 @@ def official_per_slice(checkout: Path, name: str, state: dict, repeats: int) -> 
     return statistics.median(times)
 
 
-def measure(work: Path, repeats: int, official_paths: dict, app: Path = APP) -> dict:
+def measure(work: Path, repeats: int, official_paths: dict, app: Path = APP, models=("medsam", "sam_med2d"),
+            conf: dict = None) -> dict:
     """Per model: first (the first click on the slice, the image opened and read before), same (median
-    of repeats same-slice clicks) and official (the official code per slice, where a checkout is given)."""
-    models = ["medsam", "sam_med2d"]
+    of repeats same-slice clicks) and official (the official code per slice, where a checkout is given).
+    conf: further --conf entries of the server."""
     studies = work / "studies"
     studies.mkdir()
-    conf, states = {"models": ",".join(models)}, {}
+    conf, states = {"models": ",".join(models), **(conf or {})}, {}
     for name in models:
         make_ct(studies / f"ct_{name}.nii.gz")
         spec = get_spec(name)
