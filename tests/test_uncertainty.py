@@ -4,8 +4,10 @@ sampling, and the encoder running once."""
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from samlabel.prompts import PointPrompt
+from samlabel.results import uncertainty_summary
 from samlabel.transforms import EnsembleStatisticsd, UncertaintyBandsd
 from samlabel.uncertainty import EnsembleConfig, ensemble_statistics, sample_prompt_sets
 from test_engine import request, segmenter, volume_path  # noqa: F401 - fixture
@@ -129,3 +131,31 @@ def test_bfloat16_members_agree_with_float32_and_leave_the_first_decode_alone(vo
     assert np.abs(ensemble32.uncertainty - ensemble16.uncertainty).max() <= 0.1 * peak
     dice = 2 * (ensemble32.mask & ensemble16.mask).sum() / (ensemble32.mask.sum() + ensemble16.mask.sum())
     assert dice >= 0.97, dice
+
+
+def whole_image_summary(uncertainty, mask):
+    """The summary computed on the whole image, as its definition reads."""
+    mask = mask.astype(bool)
+    boundary = mask ^ ndimage.binary_erosion(mask)
+    band = ndimage.binary_dilation(boundary) if boundary.any() else np.ones_like(boundary)
+    suggestion = np.unravel_index(int(np.argmax(np.where(band, uncertainty, -1.0))), uncertainty.shape)
+    return {"uncertainty_max": float(uncertainty.max()),
+            "uncertainty_mean_on_boundary": float(uncertainty[boundary].mean()) if boundary.any() else 0.0,
+            "suggested_click": [int(c) for c in suggestion], "suggested_click_uncertainty": float(uncertainty[suggestion])}
+
+
+@pytest.mark.parametrize("case", ["interior", "touching the border", "one voxel", "empty", "ties"])
+def test_the_summary_on_the_masks_box_is_the_whole_images(case):
+    rng = np.random.default_rng(7)
+    uncertainty = rng.random((23, 31, 17)).astype(np.float32)
+    mask = np.zeros(uncertainty.shape, np.uint8)
+    if case == "interior":
+        mask[5:12, 8:20, 4:9] = rng.random((7, 12, 5)) > 0.3
+    elif case == "touching the border":
+        mask[:6, 25:, 12:] = 1
+    elif case == "one voxel":
+        mask[1, 30, 0] = 1
+    elif case == "ties":
+        mask[5:12, 8:20, 4:9] = 1
+        uncertainty[:] = 0.5  # every candidate ties: the first in C order wins, as on the whole image
+    assert uncertainty_summary(uncertainty, mask) == whole_image_summary(uncertainty, mask)
