@@ -3,7 +3,7 @@ clicks-to-Dice on held-out synthetic volumes: a small but complete run of the pr
 
     .venv/bin/python bench/bench_teacher_student.py [--json OUT] [--train-volumes 16] [--test-volumes 8]
         [--teacher-epochs 20] [--teacher-iterations 60] [--teacher-clicks 11] [--teacher-lr 1e-3]
-        [--distill-epochs 60] [--layerwise 10] [--max-clicks 20] [--seed 0] [--keep-denormals]
+        [--distill-epochs 60] [--layerwise 10] [--max-clicks 20] [--seed 0]
 
 The defaults take about 4 minutes on 2 CPU threads (teacher fine-tuning 160 s, each distillation 27 s,
 each evaluation 3 s).
@@ -30,8 +30,8 @@ comparison meaningless, so the teacher is made competent first:
    training volumes (the check that it learned). Neck MSE against the teacher on the training
    windows and on held-out windows, before and after.
 
-Denormal floats are flushed to zero (torch.set_flush_denormal): the click loop otherwise runs over 100x
-slower on a CPU while the decoder still predicts all background, with the same results.
+The training loops flush denormal floats to zero (samlabel.optimisation.denormals_flushed): the click loop
+otherwise runs over 100x slower on a CPU while the decoder still predicts all background, with the same results.
 
 Data: each volume holds two ellipsoids (random axes 7-18 mm, random orientation, different
 intensities) on a smooth, noisy background; label values 1 and 2. Everything is seeded: a second
@@ -272,11 +272,8 @@ def main(argv=None):
                         help="also distil a second student with the layer-wise option, one more block pair every E epochs (0: not)")
     parser.add_argument("--max-clicks", type=int, default=MAX_CLICKS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="do not flush denormal floats to zero (the default flushes: see the module docstring)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    torch.set_flush_denormal(not args.keep_denormals)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:

@@ -36,7 +36,7 @@ from .files import atomic_write
 from .geometry import Window, apply, place_window, sample_window
 from .images import StoredImage
 from .modeling import Sam
-from .optimisation import GradientAccumulation, epoch_order
+from .optimisation import GradientAccumulation, denormals_flushed, epoch_order
 from .registry import ModelSpec
 from .sam3d_training import utc_stamp
 
@@ -206,6 +206,7 @@ def trainable_parameters(model: Sam) -> List[torch.nn.Parameter]:
     return [*model.prompt_encoder.parameters(), *model.mask_decoder.parameters()]
 
 
+@denormals_flushed()
 def train_clicks(model: Sam, examples: Sequence[ClickExample], embeddings: WindowEmbeddings,
                  settings: ClickTrainingSettings,
                  on_epoch: Optional[Callable[[ClickTrainingHistory], None]] = None,

@@ -57,7 +57,7 @@ from .files import atomic_write
 from .geometry import Window, apply, place_window, sample_window
 from .images import StoredImage, file_key
 from .modeling import Sam
-from .optimisation import GradientAccumulation, epoch_order
+from .optimisation import GradientAccumulation, denormals_flushed, epoch_order
 from .registry import ModelSpec
 
 TEACHERS = {"fastsam3d": "sam_med3d"}  # student registry entry -> the entry whose encoder it learns from
@@ -242,6 +242,7 @@ def mean_neck_mse(student: nn.Module, crops: Sequence[CachedCrop], device: torch
                           for c in crops]))
 
 
+@denormals_flushed()
 def distill(student: nn.Module, crops: Sequence[CachedCrop], pairs: Sequence[Tuple[int, int]],
             settings: DistillationSettings, on_epoch: Optional[Callable[[DistillationHistory], None]] = None,
             ) -> Tuple[DistillationHistory, torch.optim.AdamW]:
