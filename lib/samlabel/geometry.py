@@ -198,10 +198,14 @@ def logits_to_image(logits: np.ndarray, window: Window, image_shape: Tuple[int, 
         block[a] = slice(first + int(inside[0]), first + int(inside[-1]) + 1)
         matrices[r] = _interpolation_matrix(low_res.shape[r], (u[inside[0]:inside[-1] + 1] + 0.5) * cells - 0.5,
                                             border=True)
-    # Three matrix products, the largest last, over contiguous memory: L^3 -> L^2 n2 -> L n1 n2 -> n0 n1 n2.
-    values = matrices[1] @ (low_res @ matrices[2].T)
-    values = (matrices[0] @ values.reshape(values.shape[0], -1)).reshape(len(matrices[0]), *values.shape[1:])
-    return values.permute(*np.argsort(axes)).numpy(), tuple(block)  # window axis order -> image axis order
+    # Three matrix products, the largest last, over contiguous memory (L^3 -> L^2 c -> L b c -> a b c), with the
+    # window axes taken in the order of image axes 2, 1, 0: the result is then in the image's file (Fortran)
+    # order, as the volumes it is written into.
+    order = [axes.index(a) for a in (2, 1, 0)]
+    first, middle, last = (matrices[r] for r in order)
+    values = middle @ (low_res.permute(*order).contiguous() @ last.T)
+    values = (first @ values.reshape(values.shape[0], -1)).reshape(len(first), *values.shape[1:])
+    return values.numpy().transpose(2, 1, 0), tuple(block)
 
 
 def _axis_map(window: Window, image_affine: np.ndarray):
@@ -275,5 +279,5 @@ class WindowGeometry:
         """float32 volume on the image grid: the map trilinearly read at each voxel, 0 outside the window."""
         mapped, block = logits_to_image(values, self.window, self.image_shape, self.image_affine)
         volume = np.zeros(self.image_shape, dtype=np.float32, order="F")
-        volume[block] = np.where(np.isfinite(mapped), mapped, 0)
+        volume[block] = mapped
         return volume
