@@ -78,6 +78,34 @@ def sample_studies_module():
     return load_sample_studies_module()
 
 
+@pytest.fixture(scope="module")
+def orthanc_ct(tmp_path_factory, sample_studies_module):
+    """Orthanc on loopback holding the sample DICOM CT series, one per test module:
+    (store, StudyInstanceUID, SeriesInstanceUID)."""
+    work = tmp_path_factory.mktemp("orthanc")
+    store = dicomweb_store.OrthancStore(work, _free_port()).start()
+    try:
+        study, series = sample_studies_module.write_ct_dicom(work / "series")
+        assert store.upload(work / "series") == sample_studies_module.DICOM_CT.shape[2]
+        yield store, study, series
+    finally:
+        store.stop()
+
+
+def start_training(server, task: str, **params) -> requests.Response:
+    """POST /train/<task> with the options as its JSON body."""
+    return requests.post(f"{server.url}/train/{task}", json=params, timeout=60)
+
+
+def finished_training(server, timeout_s: float) -> dict:
+    """GET /train/ until MONAI Label's training process is neither submitted nor running: its last state."""
+    deadline = time.monotonic() + timeout_s
+    while (task := requests.get(f"{server.url}/train/", timeout=30).json())["status"] in ("SUBMITTED", "RUNNING"):
+        assert time.monotonic() < deadline, f"training did not finish within {timeout_s} s"
+        time.sleep(1)
+    return task
+
+
 @pytest.fixture(scope="session")
 def sample_studies_dir(tmp_path_factory, sample_studies_module) -> Path:
     """A fresh studies folder holding the sample studies (written once per session)."""

@@ -18,6 +18,7 @@ import requests
 import SimpleITK as sitk
 
 from samlabel.checkpoint import sha256
+from conftest import finished_training, start_training
 
 MODEL = "sam3d_synapse"
 TIMEOUT = 600
@@ -137,7 +138,7 @@ def test_batch_inference_labels_every_volume_of_the_datastore(server, studies, t
 
 
 def train(server, **params):
-    return requests.post(f"{server.url}/train/{MODEL}", json=params, timeout=60)
+    return start_training(server, MODEL, **params)
 
 
 def test_training_on_a_saved_label_is_served_without_a_restart(server, studies, sam3d_checkpoint,
@@ -166,10 +167,7 @@ def test_training_on_a_saved_label_is_served_without_a_restart(server, studies, 
     assert started.status_code == 200, started.text
     again = train(server, max_epochs=1)  # at once: the first run's process may not have started yet
     assert again.status_code == 409 and "already going" in again.json()["detail"]  # one run at a time
-    deadline = time.monotonic() + TIMEOUT
-    while (task := requests.get(f"{server.url}/train/", timeout=30).json())["status"] not in ("DONE", "ERROR"):
-        assert time.monotonic() < deadline, "training did not finish"
-        time.sleep(2)
+    task = finished_training(server, TIMEOUT)
     assert task["status"] == "DONE", task.get("details")
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"][MODEL]
     assert stats["status"] == "done" and stats["epoch"] == stats["total_epochs"] == 1 and len(stats["loss"]) == 1

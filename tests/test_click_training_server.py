@@ -2,13 +2,13 @@
 process, on a seeded full-size FastSAM3D in the official layout (a copy: the run writes next to it)."""
 
 import shutil
-import time
 from pathlib import Path
 
 import nibabel as nib
 import requests
 
 from samlabel.checkpoint import sha256
+from conftest import finished_training, start_training
 from test_click3d_server import parse_multipart, slicer_infer
 
 TASK = "fastsam3d_finetune"
@@ -16,7 +16,7 @@ TIMEOUT = 600
 
 
 def train(server, **params):
-    return requests.post(f"{server.url}/train/{TASK}", json=params, timeout=60)
+    return start_training(server, TASK, **params)
 
 
 def test_fine_tuning_on_a_saved_label_is_served_at_the_next_click(monailabel_server, checkpoints, sample_studies_module,
@@ -53,10 +53,7 @@ def test_fine_tuning_on_a_saved_label_is_served_at_the_next_click(monailabel_ser
     started = train(server, max_epochs=1, iterations_per_epoch=2)
     assert started.status_code == 200, started.text
     assert train(server, max_epochs=1).status_code in (400, 409, 429)  # one run at a time
-    deadline = time.monotonic() + TIMEOUT
-    while (task := requests.get(f"{server.url}/train/", timeout=30).json())["status"] not in ("DONE", "ERROR"):
-        assert time.monotonic() < deadline, "training did not finish"
-        time.sleep(2)
+    task = finished_training(server, TIMEOUT)
     assert task["status"] == "DONE", task.get("details")
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"][TASK]
     assert stats["status"] == "done" and stats["epoch"] == stats["total_epochs"] == 1 and stats["iteration"] == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import requests
 
 from samlabel.checkpoint import sha256
+from conftest import finished_training, start_training
 from test_click3d_server import parse_multipart, slicer_infer
 
 TASK = "fastsam3d_distill"
@@ -17,7 +18,7 @@ TIMEOUT = 600
 
 
 def train(server, **params):
-    return requests.post(f"{server.url}/train/{TASK}", json=params, timeout=60)
+    return start_training(server, TASK, **params)
 
 
 def train_stats(server):
@@ -30,11 +31,6 @@ def wait(condition, what):
         assert time.monotonic() < deadline, f"{what}: not within {TIMEOUT} s"
         time.sleep(1)
     return result
-
-
-def finished(server):
-    task = requests.get(f"{server.url}/train/", timeout=30).json()
-    return task if task["status"] not in ("SUBMITTED", "RUNNING") else None
 
 
 def test_distillation_starts_stops_and_its_encoder_is_served_at_the_next_click(monailabel_server, checkpoints,
@@ -66,7 +62,7 @@ def test_distillation_starts_stops_and_its_encoder_is_served_at_the_next_click(m
     assert started.status_code == 200, started.text
     again = train(server, max_epochs=1)  # at once: the first run's process may not have started yet
     assert again.status_code == 409 and "already going" in again.json()["detail"]
-    task = wait(lambda: finished(server), "the run")
+    task = finished_training(server, TIMEOUT)
     assert task["status"] == "DONE", task.get("details")
     stats = train_stats(server)
     assert stats["status"] == "done" and stats["epoch"] == stats["total_epochs"] == 1
@@ -83,7 +79,7 @@ def test_distillation_starts_stops_and_its_encoder_is_served_at_the_next_click(m
     assert train(server, max_epochs=10_000).status_code == 200
     wait(lambda: train_stats(server)["status"] != "done", "the second run's start")
     assert requests.delete(f"{server.url}/train/", timeout=30).status_code == 200
-    assert wait(lambda: finished(server), "the stop")["status"] == "STOPPED"
+    assert finished_training(server, TIMEOUT)["status"] == "STOPPED"
     assert wait(lambda: train_stats(server)["status"] == "stopped", "stopped in the stats")
     assert [p.name for p in (model / "trained" / "fastsam3d").glob("*.pth")] == [stats["written"]]  # nothing new
     assert (sha256(checkpoint), sha256(checkpoints["sam_med3d"])) == digests  # the official files are never written

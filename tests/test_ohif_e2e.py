@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import requests
 
-from conftest import REPO_ROOT, _free_port, click_marker, dicomweb_store
+from conftest import REPO_ROOT, click_marker, dicomweb_store
 from ohif import OhifSession, browser_missing
 
 MARKER_APP = REPO_ROOT / "tests" / "marker_app"
@@ -39,31 +39,18 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"OHIF end-to-end needs Ch
 
 
 @pytest.fixture(scope="module")
-def dicomweb(tmp_path_factory, sample_studies_module):
-    """Orthanc on loopback holding the DICOM CT series: (store, StudyInstanceUID, SeriesInstanceUID)."""
-    work = tmp_path_factory.mktemp("orthanc")
-    store = dicomweb_store.OrthancStore(work, _free_port()).start()
-    try:
-        study, series = sample_studies_module.write_ct_dicom(work / "series")
-        assert store.upload(work / "series") == sample_studies_module.DICOM_CT.shape[2]
-        yield store, study, series
-    finally:
-        store.stop()
-
-
-@pytest.fixture(scope="module")
-def server(monailabel_server, dicomweb, checkpoints, slice_checkpoints, click_marker_checkpoint, sam3d_checkpoints):
+def server(monailabel_server, orthanc_ct, checkpoints, slice_checkpoints, click_marker_checkpoint, sam3d_checkpoints):
     conf = {**sam3d_checkpoints, "models": f"click_marker,fastsam3d,sam_med3d,sam_med2d,{SAM3D}",
             "click_marker_checkpoint": click_marker_checkpoint, "fastsam3d_checkpoint": checkpoints["fastsam3d"],
             "sam_med3d_checkpoint": checkpoints["sam_med3d"], "sam_med2d_checkpoint": slice_checkpoints["sam_med2d"]}
-    return monailabel_server(conf=conf, studies=dicomweb[0].url, app_dir=MARKER_APP)
+    return monailabel_server(conf=conf, studies=orthanc_ct[0].url, app_dir=MARKER_APP)
 
 
 @pytest.fixture(scope="module")
-def ohif(server, dicomweb):
+def ohif(server, orthanc_ct):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with OhifSession(server.url, ARTIFACTS) as session:
-        session.open_study(dicomweb[1])
+        session.open_study(orthanc_ct[1])
         session.screenshot("00-study-open")
         yield session
         (ARTIFACTS / "console.json").write_text(json.dumps(session.console, indent=1))
@@ -83,9 +70,9 @@ def sent_clicks(session: OhifSession) -> dict:
 
 
 @pytest.fixture(scope="module")
-def spacing(dicomweb) -> np.ndarray:
+def spacing(orthanc_ct) -> np.ndarray:
     """Voxel spacing (mm) of the series along i, j, k, as Orthanc serves it."""
-    store, study, series = dicomweb
+    store, study, series = orthanc_ct
     instance = requests.get(f"{store.url}/studies/{study}/series/{series}/metadata",
                             headers={"Accept": "application/dicom+json"}, timeout=30).json()[0]
     rows_spacing, columns_spacing = instance["00280030"]["Value"]
@@ -98,8 +85,8 @@ def assert_inside_window(labelmap: dict, click, spacing: np.ndarray):
         assert (centre - low) * mm <= WINDOW_HALF_MM + mm and (high - centre) * mm <= WINDOW_HALF_MM + mm, labelmap
 
 
-def test_study_opens_in_monai_label_mode_from_dicomweb(ohif, server, dicomweb):
-    _store, study, series = dicomweb
+def test_study_opens_in_monai_label_mode_from_dicomweb(ohif, server, orthanc_ct):
+    _store, study, series = orthanc_ct
     assert f"/ohif/monai-label?StudyInstanceUIDs={study}" in ohif.page.url
     assert ohif.image_dimensions() == [171, 143, 57]
     info = requests.get(f"{server.url}/info/", timeout=30).json()
@@ -107,7 +94,7 @@ def test_study_opens_in_monai_label_mode_from_dicomweb(ohif, server, dicomweb):
     assert requests.post(f"{server.url}/activelearning/random", timeout=60).json()["id"] == series
 
 
-def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb, spacing):
+def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, orthanc_ct, spacing):
     ohif.choose(POINT_PROMPTS, "click_marker", SEGMENT)
     clicked = np.array(ohif.click_voxel(CLICK))
     ohif.screenshot("01-click-marker-point")
@@ -126,14 +113,14 @@ def test_click_marker_is_centred_on_the_clicked_voxel(ohif, server, dicomweb, sp
     # a ball of RADIUS model voxels (1.5 mm): its extent in voxels along each axis
     half_extent = (np.array(labelmap["max"]) - np.array(labelmap["min"])) / 2
     np.testing.assert_allclose(half_extent * spacing, click_marker.RADIUS * 1.5, atol=spacing.max())
-    assert f"'model': 'click_marker', 'image': '{dicomweb[2]}'" in server.log()
+    assert f"'model': 'click_marker', 'image': '{orthanc_ct[2]}'" in server.log()
 
 
-def test_saving_from_the_options_dialog_stores_a_dicom_seg(ohif, dicomweb):
+def test_saving_from_the_options_dialog_stores_a_dicom_seg(ohif, orthanc_ct):
     """The stock panel has no save button: its Options dialog sends a task's config, and ticking
     the click task's save_label stores each result as the series' `final` label, on Orthanc a
     DICOM SEG. It holds exactly the voxels OHIF shows."""
-    store, study, series = dicomweb
+    store, study, series = orthanc_ct
 
     def seg_instances() -> set:
         return set(requests.post(f"{store.base}/tools/find", json={"Level": "Instance", "Query": {
@@ -254,13 +241,13 @@ def test_sam3d_automatic_segmentation(ohif, timings):
     assert labelmap["dimensions"] == [171, 143, 57] and len(labelmap["slices"]) > 1
 
 
-def test_uncertainty_float_map_is_kept_beside_the_dicom_series(server, dicomweb, tmp_path):
+def test_uncertainty_float_map_is_kept_beside_the_dicom_series(server, orthanc_ct, tmp_path):
     """With a DICOMweb datastore the float std map of the run above is kept in the server's
     cache of the series (only `final` labels go to the DICOM server, as DICOM SEG)."""
     import nibabel as nib
 
     label = requests.get(f"{server.url}/datastore/label", timeout=30,
-                         params={"label": dicomweb[2], "tag": "click_marker_uncertainty"})
+                         params={"label": orthanc_ct[2], "tag": "click_marker_uncertainty"})
     assert label.status_code == 200
     (tmp_path / "std.nii.gz").write_bytes(label.content)
     std = nib.load(tmp_path / "std.nii.gz")
@@ -276,11 +263,11 @@ def test_page_had_no_errors(ohif):
             assert ("ERR_FAILED" in message["text"] or "404" in message["text"]), message
 
 
-def test_a_label_is_saved_back_as_dicom_seg(server, dicomweb, tmp_path):
+def test_a_label_is_saved_back_as_dicom_seg(server, orthanc_ct, tmp_path):
     """MONAI Label stores a submitted label in a DICOMweb datastore as DICOM SEG (dcmqi)."""
     import nibabel as nib
 
-    store, _study, series = dicomweb
+    store, _study, series = orthanc_ct
     segs_before = [s["00080060"]["Value"][0] for s in store.series()].count("SEG")
     image = requests.get(f"{server.url}/datastore/image", params={"image": series}, timeout=120)
     assert image.status_code == 200

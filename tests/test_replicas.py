@@ -31,22 +31,10 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs nginx and Orthanc:
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, sample_studies_module):
-    work = tmp_path_factory.mktemp("orthanc-replicas")
-    store = dicomweb_store.OrthancStore(work, _free_port()).start()
-    try:
-        study, series = sample_studies_module.write_ct_dicom(work / "series")
-        store.upload(work / "series")
-        yield store, study, series
-    finally:
-        store.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, orthanc, click_marker_checkpoint):
+def cluster(tmp_path_factory, orthanc_ct, click_marker_checkpoint):
     """{replica address: Server}, and nginx's URL in front of them."""
     conf = {"models": "click_marker", "click_marker_checkpoint": click_marker_checkpoint}
-    servers = [start_server(MARKER_APP, orthanc[0].url, conf, tmp_path_factory.mktemp(f"replica{n}")) for n in range(2)]
+    servers = [start_server(MARKER_APP, orthanc_ct[0].url, conf, tmp_path_factory.mktemp(f"replica{n}")) for n in range(2)]
     port = _free_port()
     nginx = replicas.start_nginx(port, [s.url for s in servers], tmp_path_factory.mktemp("nginx"))
     try:
@@ -91,11 +79,11 @@ def click(session, url, series, foreground, **extra):
     return response.headers["X-Samlabel-Replica"], json.loads(parts["params"])
 
 
-def test_each_annotator_stays_on_one_replica_with_its_caches(cluster, annotators, orthanc):
+def test_each_annotator_stays_on_one_replica_with_its_caches(cluster, annotators, orthanc_ct):
     _servers, url = cluster
     for replica, session in annotators.items():
-        first_replica, first = click(session, url, orthanc[2], [CLICK])
-        second_replica, second = click(session, url, orthanc[2], [CLICK, [CLICK[0] + 3, *CLICK[1:]]])
+        first_replica, first = click(session, url, orthanc_ct[2], [CLICK])
+        second_replica, second = click(session, url, orthanc_ct[2], [CLICK, [CLICK[0] + 3, *CLICK[1:]]])
         assert first_replica == second_replica == replica
         assert second["interaction_continued"] and second["window_reused"] and second["embedding_reused"]
         assert all(session.get(f"{url}/info/", timeout=30).headers["X-Samlabel-Replica"] == replica for _ in range(5))
@@ -115,9 +103,9 @@ def test_a_session_upload_and_its_clicks_meet(cluster, annotators, sample_studie
     assert response.status_code == 200, response.text
 
 
-def test_a_label_saved_through_any_replica_lands_in_orthanc(cluster, annotators, orthanc, tmp_path):
+def test_a_label_saved_through_any_replica_lands_in_orthanc(cluster, annotators, orthanc_ct, tmp_path):
     _servers, url = cluster
-    store, study, series = orthanc
+    store, study, series = orthanc_ct
     for session in annotators.values():  # each through its own replica
         click(session, url, series, [CLICK], client_id="saver", save_label=True)
     found = requests.post(f"{store.base}/tools/find", json={"Level": "Instance", "Query": {
@@ -128,11 +116,11 @@ def test_a_label_saved_through_any_replica_lands_in_orthanc(cluster, annotators,
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
 
 
-def test_a_killed_replicas_annotator_goes_on_elsewhere(cluster, annotators, orthanc):
+def test_a_killed_replicas_annotator_goes_on_elsewhere(cluster, annotators, orthanc_ct):
     servers, url = cluster
     replica, session = next(iter(annotators.items()))
-    click(session, url, orthanc[2], [CLICK])
+    click(session, url, orthanc_ct[2], [CLICK])
     servers[replica].stop()  # killed mid-session
-    tried, result = click(session, url, orthanc[2], [CLICK, [CLICK[0] + 3, *CLICK[1:]]])
+    tried, result = click(session, url, orthanc_ct[2], [CLICK, [CLICK[0] + 3, *CLICK[1:]]])
     assert tried.split(", ") == [replica, next(r for r in servers if r != replica)]  # the dead one, then the other
     assert result["interaction_continued"] is False  # a new interaction on the other replica, and it says so
